@@ -1,0 +1,168 @@
+"""Command line: `safetypatch train | eval | demo | patch info`.
+
+Flags for training are generated from the TrainConfig dataclass (its field help is the flag help); `--config
+recipe.yaml` loads a recipe and flags given on the command line override it. Heavy imports happen inside the
+command functions so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import ConfigError, GenerationConfig, TrainConfig, from_dict, load_yaml
+
+
+def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
+    group = p.add_argument_group(f"{cls.__name__} fields (also settable in --config YAML)")
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING else None)  # type: ignore[misc]
+        shown = ",".join(default) if isinstance(default, list) else default
+        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, metavar="V",
+                           help=f"{f.metadata.get('help', '')} (default: {shown})")
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name, None) is not None}
+    if args.config:
+        return load_yaml(TrainConfig, args.config, overrides)
+    return from_dict(TrainConfig, overrides, where="command line")
+
+
+# ------------------------------------------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    cfg = _train_config(args)
+    res = train(cfg, args.out, resume=args.resume)
+    print(json.dumps({"output": str(res.output_dir), **res.stats}, indent=2, default=str))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evals.refusal import EvalRequest, run_eval
+
+    if args.suite:
+        print("error: --suite is not available yet; use --prompts FILE", file=sys.stderr)
+        return 2
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    judges = tuple(j.strip() for j in args.judges.split(",") if j.strip())
+    req = EvalRequest(model=args.model, patch=args.patch, with_base=args.with_base, prompts=args.prompts,
+                      prompt_field=args.prompt_field, judges=judges, generation=gen, limit=args.limit)
+    summary = run_eval(req, args.out, resume=args.resume)
+    res = summary["results"]
+    print(f"{summary['n_prompts']} prompts from {args.prompts}; refusal rate by judge:")
+    names = [n for n in ("base", "patched") if n in res]
+    print("judge".ljust(18) + "".join(n.rjust(10) for n in names) + ("  difference" if "difference" in res else ""))
+    for j in judges:
+        line = j.ljust(18) + "".join(f"{res[n][j]:>10.1%}" for n in names)
+        if "difference" in res:
+            line += f"  {res['difference'][j]:+.1%}"
+        print(line)
+    print(f"rows: {Path(args.out) / 'samples.jsonl'}  summary: {Path(args.out) / 'summary.json'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import default_out_dir, format_table, run_demo
+
+    cfg = _train_config(args)
+    out = Path(args.out) if args.out else default_out_dir()
+    print(f"safetypatch demo: training a safety patch on {cfg.model} (run directory {out})")
+    summary = run_demo(out, cfg, eval_limit=args.eval_limit)
+    print()
+    print(format_table(summary))
+    print(f"\npatch: {summary['patch']}\nsummary: {out / 'summary.json'}  (total {summary['total_seconds']:.0f} s)")
+    return 0
+
+
+def cmd_patch_info(args: argparse.Namespace) -> int:
+    from .patch import patch_info
+
+    info = patch_info(args.patch)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    for k, v in info.items():
+        if k == "training" and isinstance(v, dict):
+            v = ", ".join(f"{a}={b}" for a, b in v.items() if not isinstance(b, dict))
+        print(f"{k:>17}: {v}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="safetypatch", description="LoRA safety patches: train, evaluate, manage.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a safety patch (LoRA refusal-SFT) or a full fine-tuning baseline")
+    t.add_argument("--config", help="YAML recipe; flags override it")
+    t.add_argument("--out", required=True, help="run directory (the patch goes to OUT/patch)")
+    t.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT")
+    _add_dataclass_flags(t, TrainConfig)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="generate on a prompt file with base and/or patched model and judge refusals")
+    e.add_argument("--model", default="default", help="hub id, local dir, .gguf file, or 'default'")
+    e.add_argument("--patch", help="patch directory to evaluate")
+    e.add_argument("--with-base", action="store_true", help="also evaluate the base model (with --patch)")
+    e.add_argument("--prompts", default="builtin:harmful:test",
+                   help="JSONL with a 'prompt' field, CSV with a 'prompt' column, or builtin:<harmful|benign>:<split>")
+    e.add_argument("--prompt-field", default="prompt", help="field / column holding the prompt")
+    e.add_argument("--out", required=True, help="output directory for samples.jsonl and summary.json")
+    e.add_argument("--judges", default="refusal_xstest,refusal_gcg", help="comma-separated judge names")
+    e.add_argument("--max-new-tokens", type=int, default=64)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--limit", type=int, help="evaluate only the first N prompts")
+    e.add_argument("--suite", help="named evaluation suite")
+    e.add_argument("--resume", action="store_true", help="allow writing into an existing output directory")
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("demo", help="train the default patch on the embedded model and show base vs patched")
+    d.add_argument("--out", help="run directory (default runs/demo-<time>); the patch goes to OUT/patch")
+    d.add_argument("--config", help="YAML recipe; flags override it")
+    d.add_argument("--eval-limit", type=int, help="evaluate only the first N test prompts of each split")
+    _add_dataclass_flags(d, TrainConfig)
+    d.set_defaults(func=cmd_demo)
+
+    pa = sub.add_parser("patch", help="inspect and manage patches")
+    psub = pa.add_subparsers(dest="patch_command", required=True)
+    info = psub.add_parser("info", help="recipe, base fingerprint, shape, size, sha256 and evaluation summary")
+    info.add_argument("patch")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=cmd_patch_info)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .data.readers import DataError
+    from .io_utils import OutputExistsError
+
+    args = build_parser().parse_args(argv)
+    known: tuple[type[BaseException], ...] = (ConfigError, DataError, OutputExistsError, FileExistsError)
+    try:
+        from .models import ModelError
+        from .patch import PatchError
+
+        known = known + (ModelError, PatchError)
+        return int(args.func(args) or 0)
+    except known as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; a training run continues with --resume", file=sys.stderr)
+        return 130
+
+
+def _entry() -> Any:  # pragma: no cover
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

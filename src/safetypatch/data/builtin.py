@@ -1,0 +1,66 @@
+"""safetypatch's own built-in data (written for this project, no third-party text) and its fixed splits.
+
+- `harmful`: harmful requests in 12 harm categories, each with a short refusal (`prompt`, `response`).
+- `benign`: ordinary requests and benign look-alikes of harmful ones (`kind` = ordinary | lookalike); they carry
+  no response: training answers them with the base model itself.
+
+Splits are train / dev / test, stratified by category, fixed by a seed, and disjoint by construction.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from pathlib import Path
+
+from .readers import DataError, Record, read_records
+
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+BUILTIN_SETS = ("harmful", "benign")
+SPLITS = ("train", "dev", "test")
+SPLIT_FRACTIONS = {"train": 0.6, "dev": 0.15, "test": 0.25}
+DEFAULT_SPLIT_SEED = 0
+
+
+def load_builtin(name: str) -> list[Record]:
+    if name not in BUILTIN_SETS:
+        raise DataError(f"unknown built-in set '{name}'; choose one of {BUILTIN_SETS}")
+    return read_records(BUILTIN_DIR / f"{name}.jsonl", require_response=(name == "harmful"))
+
+
+def split_records(records: list[Record], split: str, seed: int = DEFAULT_SPLIT_SEED) -> list[Record]:
+    """The `split` part of `records`: per category, a seeded shuffle cut 60 / 15 / 25."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split '{split}'; choose one of {SPLITS}")
+    by_cat: dict[str, list[Record]] = defaultdict(list)
+    for r in sorted(records, key=lambda r: str(r.meta.get("id", r.prompt))):
+        by_cat[str(r.meta.get("category", ""))].append(r)
+    out: list[Record] = []
+    for cat in sorted(by_cat):
+        items = by_cat[cat]
+        random.Random(f"{seed}:{cat}").shuffle(items)
+        n = len(items)
+        n_train = round(n * SPLIT_FRACTIONS["train"])
+        n_dev = round(n * SPLIT_FRACTIONS["dev"])
+        bounds = {"train": (0, n_train), "dev": (n_train, n_train + n_dev), "test": (n_train + n_dev, n)}
+        lo, hi = bounds[split]
+        out.extend(items[lo:hi])
+    return out
+
+
+def builtin_split(name: str, split: str, seed: int = DEFAULT_SPLIT_SEED) -> list[Record]:
+    return split_records(load_builtin(name), split, seed)
+
+
+def resolve_prompts(spec: str, prompt_field: str = "prompt", response_field: str | None = "response",
+                    require_response: bool = False, default_split: str = "train") -> list[Record]:
+    """A data argument: 'builtin' / 'builtin:harmful[:split]' / 'builtin:benign[:split]', a file, or a hub id."""
+    if spec == "builtin" or spec.startswith("builtin:"):
+        parts = spec.split(":")[1:]
+        name = parts[0] if parts else "harmful"
+        split = parts[1] if len(parts) > 1 else default_split
+        if split == "all":
+            return load_builtin(name)
+        return builtin_split(name, split)
+    return read_records(spec, prompt_field=prompt_field, response_field=response_field,
+                        require_response=require_response)

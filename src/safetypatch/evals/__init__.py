@@ -1,0 +1,1 @@
+"""Evaluation: benchmarks, jailbreak wrappers, judges applied to generations, metrics and suites."""

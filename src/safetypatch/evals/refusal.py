@@ -1,0 +1,119 @@
+"""Refusal evaluation of base and patched models on a prompt file: the `safetypatch eval --prompts` contract.
+
+Output files (other tools read them):
+- `DIR/samples.jsonl`: one row per model and prompt: `model` ("base" | "patched"), `prompt`, `response`, and one
+  boolean per judge named after it (`refusal_xstest`, `refusal_gcg`: True = refused), plus `index` and the prompt
+  file's own id / category / label columns when present.
+- `DIR/summary.json`: per model, the refusal rate under each judge, and patched - base differences.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..config import GenerationConfig, to_dict
+from ..data.builtin import resolve_prompts
+from ..data.readers import Record
+from ..generation import generate
+from ..io_utils import atomic_write_json, claim_output_dir
+from ..judges import DEFAULT_JUDGES, get_judge
+
+RESERVED = ("model", "prompt", "response", "index")
+
+
+@dataclass
+class EvalRequest:
+    model: str = "default"
+    patch: str | None = None
+    with_base: bool = False
+    prompts: str = "builtin:harmful:test"
+    prompt_field: str = "prompt"
+    judges: tuple[str, ...] = DEFAULT_JUDGES
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    limit: int | None = None
+
+
+def load_prompt_file(spec: str, prompt_field: str = "prompt", limit: int | None = None) -> list[Record]:
+    """Prompts from a JSONL file with a `prompt` field, a CSV with a `prompt` column, or 'builtin:<set>:<split>'."""
+    records = resolve_prompts(spec, prompt_field=prompt_field, response_field=None, default_split="test")
+    return records[:limit] if limit else records
+
+
+@contextlib.contextmanager
+def _variant(model: Any, name: str) -> Iterator[Any]:
+    """The base model with the patch switched off, or the patched model as it is."""
+    if name == "base" and hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield model
+    else:
+        yield model
+
+
+def generate_and_judge(model: Any, tok: Any, records: list[Record], variants: list[str], judges: tuple[str, ...],
+                       gen: GenerationConfig) -> list[dict[str, Any]]:
+    """Rows of the samples.jsonl contract for each variant ('base' / 'patched') of one loaded model."""
+    judge_objs = [get_judge(j) for j in judges]
+    rows: list[dict[str, Any]] = []
+    for name in variants:
+        with _variant(model, name) as m:
+            gens = generate(m, tok, [r.chat() for r in records], gen, desc=f"generating ({name})")
+        for i, (r, g) in enumerate(zip(records, gens)):
+            row: dict[str, Any] = {"model": name, "prompt": r.prompt, "response": g.text}
+            for j in judge_objs:
+                row[j.name] = j.judge(r.prompt, g.text).refused
+            row["index"] = i
+            row.update({k: v for k, v in r.meta.items() if k not in RESERVED and k not in row})
+            rows.append(row)
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]], judges: tuple[str, ...], group_by: str | None = None) -> dict[str, Any]:
+    """Refusal rate per model and judge (and per `group_by` value), and patched - base differences."""
+    out: dict[str, Any] = {}
+    for name in sorted({r["model"] for r in rows}):
+        mine = [r for r in rows if r["model"] == name]
+        entry: dict[str, Any] = {"n": len(mine)}
+        for j in judges:
+            vals = [r[j] for r in mine if r.get(j) is not None]
+            entry[j] = sum(vals) / len(vals) if vals else None
+        if group_by:
+            groups: dict[str, Any] = {}
+            for g in sorted({str(r.get(group_by)) for r in mine}):
+                sub = [r for r in mine if str(r.get(group_by)) == g]
+                groups[g] = {"n": len(sub), **{j: sum(bool(r[j]) for r in sub) / len(sub) for j in judges}}
+            entry[f"by_{group_by}"] = groups
+        out[name] = entry
+    if "base" in out and "patched" in out:
+        out["difference"] = {j: (out["patched"][j] - out["base"][j]) for j in judges
+                             if out["patched"][j] is not None and out["base"][j] is not None}
+    return out
+
+
+def run_eval(req: EvalRequest, out_dir: str | Path, resume: bool = False,
+             model_and_tok: tuple[Any, Any] | None = None) -> dict[str, Any]:
+    """Generate, judge and write samples.jsonl + summary.json; returns the summary."""
+    from ..data.readers import write_jsonl_atomic
+    from ..models import load_model
+    from ..patch import load_patch
+
+    out = claim_output_dir(out_dir, resume=resume, marker="summary.json")
+    t0 = time.time()
+    records = load_prompt_file(req.prompts, req.prompt_field, req.limit)
+    model, tok = model_and_tok or load_model(req.model)
+    variants = ["base"]
+    if req.patch:
+        model = load_patch(model, req.patch)
+        variants = (["base"] if req.with_base else []) + ["patched"]
+    rows = generate_and_judge(model, tok, records, variants, tuple(req.judges), req.generation)
+    write_jsonl_atomic(out / "samples.jsonl", rows)
+    summary = {
+        "model": req.model, "patch": req.patch, "prompts": req.prompts, "n_prompts": len(records),
+        "judges": list(req.judges), "generation": to_dict(req.generation),
+        "results": summarize(rows, tuple(req.judges)), "seconds": round(time.time() - t0, 1),
+    }
+    atomic_write_json(out / "summary.json", summary)
+    return summary

@@ -1,0 +1,87 @@
+"""Atomic file writes and run directories that never overwrite existing results."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_text(*parts: str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+class OutputExistsError(FileExistsError):
+    """An output directory already holds results; nothing is overwritten silently."""
+
+
+def claim_output_dir(path: str | Path, resume: bool = False, marker: str | None = None) -> Path:
+    """Create `path` for a new run, or accept an existing one only with `resume`.
+
+    With `marker`, an existing directory counts as taken only if that file is in it (partial runs can resume).
+    """
+    p = Path(path)
+    if p.exists() and any(p.iterdir()):
+        taken = (p / marker).exists() if marker else True
+        if taken and not resume:
+            raise OutputExistsError(
+                f"{p} already holds results; choose another --out, or pass --resume to continue that run"
+            )
+    p.mkdir(parents=True, exist_ok=True)
+    return p

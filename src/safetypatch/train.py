@@ -1,0 +1,441 @@
+"""Refusal-SFT: LoRA patches (and the full fine-tuning / data-mixing baselines) with one trainer.
+
+Objective: cross-entropy on refusal responses to harmful prompts, plus a benign-anchor term that keeps the base
+model's own answers to benign prompts (self-distillation CE, or KL(base || patched) on the same tokens), plus
+optional mixed general data. Early stopping picks the dev check that refuses most harmful dev prompts without
+refusing benign dev prompts more often than the base model.
+
+The loop is written by hand rather than with transformers.Trainer / TRL because its speed paths (logits on
+response tokens only, length-grouped batches, bf16 autocast on CPU) and the generation-based early stopping are
+not available there; checkpoints make it resumable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from .anchors import base_answers
+from .config import GenerationConfig, TrainConfig, parse_layers, to_dict
+from .data.builtin import builtin_split, resolve_prompts
+from .data.chat import IGNORE_INDEX, Encoded, encode_example
+from .data.readers import Record, read_records
+from .generation import generate
+from .io_utils import atomic_write_json, claim_output_dir, sha256_text
+from .judges import keyword_refusal
+from .models import load_model, num_layers
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    output_dir: Path  # the patch directory (LoRA) or the fine-tuned model directory (full)
+    stats: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    model: Any = None  # the trained model (a PeftModel for LoRA), ready for evaluation
+
+
+# ------------------------------------------------------------------------------------------------- data
+def _records_hash(records: list[Record]) -> str:
+    return sha256_text(*(json.dumps([r.chat(), r.response], sort_keys=True) for r in records))
+
+
+def build_examples(cfg: TrainConfig, model: Any, tok: Any) -> tuple[list[Encoded], dict[str, Any]]:
+    """Tokenized training examples (refusals, anchors, mixed data) and a description with data hashes."""
+    refusals = resolve_prompts(cfg.data, cfg.prompt_field, cfg.response_field, require_response=True)
+    examples = [encode_example(tok, r.chat(), r.response or "", cfg.max_length, kind="refusal") for r in refusals]
+    meta: dict[str, Any] = {"refusal": {"source": cfg.data, "n": len(refusals), "sha256": _records_hash(refusals)}}
+    if cfg.benign and cfg.benign.lower() != "none":
+        spec = "builtin:benign:train" if cfg.benign == "builtin" else cfg.benign
+        benign = resolve_prompts(spec, cfg.prompt_field, None)
+        answers = base_answers(model, tok, benign, cfg.anchor_tokens)
+        for r, (ids, finished) in zip(benign, answers):
+            if ids:
+                examples.append(encode_example(tok, r.chat(), ids, cfg.max_length, kind="anchor", close_turn=finished))
+        meta["anchors"] = {"source": spec, "n": len(benign), "sha256": _records_hash(benign),
+                           "answer_tokens": cfg.anchor_tokens, "answered_by": "base model (greedy)"}
+    if cfg.mix and cfg.mix_ratio > 0:
+        mix = read_records(cfg.mix, cfg.prompt_field, cfg.response_field, require_response=True)
+        n_mix = round(cfg.mix_ratio / (1 - cfg.mix_ratio) * len(examples))
+        rng = random.Random(cfg.seed)
+        chosen = [mix[rng.randrange(len(mix))] for _ in range(n_mix)] if n_mix > len(mix) else rng.sample(mix, n_mix)
+        examples += [encode_example(tok, r.chat(), r.response or "", cfg.max_length, kind="mix") for r in chosen]
+        meta["mix"] = {"source": cfg.mix, "n": n_mix, "ratio": cfg.mix_ratio, "sha256": _records_hash(chosen)}
+    return examples, meta
+
+
+def batches(examples: list[Encoded], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+    """Index batches for one epoch: shuffled; with grouping, similar lengths share a batch (less padding)."""
+    rng = random.Random(seed * 1000 + epoch)
+    idx = list(range(len(examples)))
+    rng.shuffle(idx)
+    if group_by_length:
+        mega = batch_size * 16
+        idx = [i for m in range(0, len(idx), mega)
+               for i in sorted(idx[m: m + mega], key=lambda j: -len(examples[j].input_ids))]
+    out = [idx[i: i + batch_size] for i in range(0, len(idx), batch_size)]
+    if group_by_length:
+        rng.shuffle(out)
+    return out
+
+
+def collate(examples: list[Encoded], idx: list[int], pad_id: int) -> dict[str, Any]:
+    import torch
+
+    width = max(len(examples[i].input_ids) for i in idx)
+    ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(idx), width), IGNORE_INDEX, dtype=torch.long)
+    attn = torch.zeros((len(idx), width), dtype=torch.long)
+    weight_kind = torch.zeros((len(idx),), dtype=torch.long)  # 0 = refusal / mix, 1 = anchor
+    for row, i in enumerate(idx):
+        e = examples[i]
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        attn[row, :n] = 1
+        weight_kind[row] = 1 if e.kind == "anchor" else 0
+    return {"input_ids": ids, "labels": labels, "attention_mask": attn, "is_anchor": weight_kind}
+
+
+# ------------------------------------------------------------------------------------------------- loss
+def _unwrap_lm(model: Any) -> Any:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def response_logits(model: Any, batch: dict[str, Any], response_only: bool) -> tuple[Any, Any, Any]:
+    """Logits at the positions that predict response tokens, the targets, and which rows they come from."""
+    import torch
+
+    labels = batch["labels"]
+    target_mask = labels[:, 1:] != IGNORE_INDEX
+    if response_only:
+        lm = _unwrap_lm(model)
+        hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  use_cache=False).last_hidden_state
+        logits = lm.get_output_embeddings()(hidden[:, :-1][target_mask])
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       use_cache=False).logits[:, :-1][target_mask]
+    rows = torch.arange(labels.shape[0]).unsqueeze(1).expand_as(target_mask)[target_mask]
+    return logits.float(), labels[:, 1:][target_mask], rows
+
+
+def compute_loss(model: Any, batch: dict[str, Any], cfg: TrainConfig) -> tuple[Any, dict[str, float]]:
+    import torch
+    import torch.nn.functional as F
+
+    logits, targets, rows = response_logits(model, batch, cfg.response_only_logits)
+    is_anchor = batch["is_anchor"][rows].bool()
+    per_token = F.cross_entropy(logits, targets, reduction="none")
+    parts: dict[str, float] = {}
+    if cfg.benign_loss == "kl" and is_anchor.any() and hasattr(model, "disable_adapter"):
+        sub = {k: v[batch["is_anchor"].bool()] for k, v in batch.items()}
+        with torch.no_grad(), model.disable_adapter():
+            base_logits, _, _ = response_logits(model, sub, cfg.response_only_logits)
+        logp = F.log_softmax(logits[is_anchor], -1)
+        logq = F.log_softmax(base_logits, -1)
+        kl = (logq.exp() * (logq - logp)).sum(-1)
+        per_token = per_token.clone()
+        per_token[is_anchor] = kl
+    weights = torch.where(is_anchor, torch.full_like(per_token, cfg.benign_weight), torch.ones_like(per_token))
+    loss = (per_token * weights).sum() / max(1, per_token.numel())
+    with torch.no_grad():
+        if (~is_anchor).any():
+            parts["refusal"] = float(per_token[~is_anchor].mean())
+        if is_anchor.any():
+            parts["anchor"] = float(per_token[is_anchor].mean())
+    return loss, parts
+
+
+# ------------------------------------------------------------------------------------------------- dev checks
+def dev_prompts(cfg: TrainConfig) -> tuple[list[Record], list[Record]]:
+    """Harmful and benign dev prompts (built-in dev splits), at most cfg.dev_size each, spread over categories."""
+    def take(records: list[Record], n: int) -> list[Record]:
+        if len(records) <= n:
+            return records
+        step = len(records) / n
+        return [records[int(i * step)] for i in range(n)]
+
+    return take(builtin_split("harmful", "dev"), cfg.dev_size), take(builtin_split("benign", "dev"), cfg.dev_size)
+
+
+def refusal_rates(model: Any, tok: Any, harmful: list[Record], benign: list[Record], max_new_tokens: int,
+                  batch_size: int = 16) -> dict[str, float]:
+    gens = generate(model, tok, [r.chat() for r in harmful + benign],
+                    GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size), desc="dev check",
+                    progress=False)
+    refused = [keyword_refusal(g.text) for g in gens]
+    nh = len(harmful)
+    return {"harmful_refusal": sum(refused[:nh]) / max(1, nh),
+            "benign_refusal": sum(refused[nh:]) / max(1, len(benign))}
+
+
+def dev_score(rates: dict[str, float], base_benign: float) -> float:
+    """Harmful refusal, minus 3x every point of benign refusal above the base model's (plus 2 points slack)."""
+    return rates["harmful_refusal"] - 3.0 * max(0.0, rates["benign_refusal"] - base_benign - 0.02)
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+def _trainable_state(model: Any) -> dict[str, Any]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _load_trainable(model: Any, state: dict[str, Any]) -> None:
+    import torch
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, v in state.items():
+            params[n].copy_(v)
+
+
+def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any],
+                    best: dict[str, Any] | None) -> None:
+    """Trainable weights, optimizer moments and loop state, all safetensors + JSON (no pickle)."""
+    from safetensors.torch import save as st_save
+
+    from .io_utils import atomic_write_bytes
+
+    ck = run_dir / CHECKPOINT_DIR
+    ck.mkdir(exist_ok=True)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    tensors = {f"param/{n}": t.contiguous() for n, t in _trainable_state(model).items()}
+    opt = optimizer.state_dict()
+    for pid, st in opt["state"].items():
+        for k, v in st.items():
+            if hasattr(v, "shape"):
+                tensors[f"opt/{pid}/{k}"] = v.detach().reshape(v.shape).contiguous() if v.ndim else v.reshape(1)
+    if best is not None:
+        tensors.update({f"best/{n}": t.contiguous() for n, t in best["state"].items()})
+    atomic_write_bytes(ck / "state.safetensors", st_save(tensors))
+    meta = dict(state, param_names=names, scheduler=scheduler.state_dict(),
+                opt_param_groups=opt["param_groups"],
+                best={k: v for k, v in (best or {}).items() if k != "state"} if best else None)
+    atomic_write_json(ck / "state.json", meta)
+
+
+def load_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any) -> tuple[dict[str, Any], dict | None]:
+    import torch
+    from safetensors.torch import load_file
+
+    ck = run_dir / CHECKPOINT_DIR
+    meta = json.loads((ck / "state.json").read_text())
+    tensors = load_file(ck / "state.safetensors")
+    _load_trainable(model, {k[len("param/"):]: v for k, v in tensors.items() if k.startswith("param/")})
+    opt_state: dict[int, dict[str, Any]] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt/"):
+            _, pid, name = k.split("/", 2)
+            opt_state.setdefault(int(pid), {})[name] = v if name != "step" else v.reshape(())
+    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["opt_param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    best = None
+    if meta.get("best"):
+        best = dict(meta["best"], state={k[len("best/"):]: v for k, v in tensors.items() if k.startswith("best/")})
+    torch.manual_seed(meta.get("seed", 0) + meta["step"])
+    return meta, best
+
+
+# ------------------------------------------------------------------------------------------------- main loop
+def _use_bf16(cfg: TrainConfig, device: str) -> bool:
+    import torch
+
+    if cfg.bf16 == "yes":
+        return True
+    if cfg.bf16 == "no":
+        return False
+    if device.startswith("cuda"):
+        return torch.cuda.is_bf16_supported()
+    try:  # CPUs with native bf16 dot products (AVX512-BF16 / AMX) run autocast matmuls ~2x faster
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def prepare_model(cfg: TrainConfig, model: Any) -> Any:
+    """Make the right parameters trainable: a fresh LoRA patch, or the selected layers for full fine-tuning."""
+    from .models import decoder_layers
+    from .patch import attach_new_patch
+
+    if cfg.method == "lora":
+        return attach_new_patch(model, cfg.shape(), seed=cfg.seed)
+    layers = set(parse_layers(cfg.layers, num_layers(model)))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for i, layer in enumerate(decoder_layers(model)):
+        if i in layers:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+    return model
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, device: str | None = None,
+          progress: bool = True, model_and_tok: tuple[Any, Any] | None = None) -> TrainResult:
+    """Train a patch (or a fully fine-tuned model) into `run_dir`; see the module docstring for the objective."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    cfg.validate()
+    run = claim_output_dir(run_dir, resume=resume, marker="train_config.json")
+    out_name = "patch" if cfg.method == "lora" else "model"
+    if (run / out_name).exists():
+        raise FileExistsError(f"{run / out_name} already exists: this run finished; choose a new --out")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    t0 = time.time()
+    model, tok = model_and_tok or load_model(cfg.model)
+    model.to(device)
+    examples, data_meta = build_examples(cfg, model, tok)
+    if (run / "train_config.json").exists() and resume:
+        saved = json.loads((run / "train_config.json").read_text())
+        if saved != to_dict(cfg):
+            diff = sorted(k for k in saved if saved.get(k) != to_dict(cfg).get(k))
+            raise ValueError(f"{run}: --resume with a different recipe (fields {diff}); use the same flags")
+    atomic_write_json(run / "train_config.json", to_dict(cfg))
+    model = prepare_model(cfg, model)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(math.ceil(len(examples) / cfg.batch_size) / cfg.grad_accum)
+    total_steps = max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    scheduler = get_scheduler(cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup", optimizer,
+                              num_warmup_steps=int(cfg.warmup_ratio * total_steps), num_training_steps=total_steps)
+    eval_every = cfg.eval_every or steps_per_epoch
+    use_bf16 = _use_bf16(cfg, device)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    dev_h, dev_b = dev_prompts(cfg)
+    history: list[dict[str, Any]] = []
+    step, tokens_seen, best, base_benign = 0, 0, None, None
+    if resume and (run / CHECKPOINT_DIR / "state.json").exists():
+        meta, best = load_checkpoint(run, model, optimizer, scheduler)
+        step, tokens_seen, history, base_benign = meta["step"], meta["tokens"], meta["history"], meta["base_benign"]
+    log_f = open(run / "train_log.jsonl", "a", encoding="utf-8")
+
+    def dev_check() -> bool:
+        """Run a dev check; returns True when training should stop (patience exhausted)."""
+        nonlocal best, base_benign
+        model.eval()
+        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
+            rates = refusal_rates(model, tok, dev_h, dev_b, cfg.dev_tokens)
+        model.train()
+        if base_benign is None:
+            base_benign = rates["benign_refusal"]
+        rec = {"step": step, **rates, "score": dev_score(rates, base_benign)}
+        history.append(rec)
+        with open(run / "dev_log.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+        if step > 0 and (best is None or rec["score"] > best["score"]):
+            best = {**rec, "state": _trainable_state(model)}
+        save_checkpoint(run, model, optimizer, scheduler,
+                        {"step": step, "tokens": tokens_seen, "history": history, "base_benign": base_benign,
+                         "seed": cfg.seed}, best)
+        bar.set_postfix_str(f"dev harm {rates['harmful_refusal']:.0%} benign {rates['benign_refusal']:.0%}")
+        if cfg.patience and best is not None:
+            since = [h for h in history if h["step"] > best["step"]]
+            return len(since) >= cfg.patience
+        return False
+
+    bar = tqdm(total=total_steps, initial=step, desc=f"train ({cfg.method})", disable=not progress)
+    t_train = time.time()
+    stop = False
+    if step == 0 and cfg.method == "lora":
+        dev_check()  # the base model's dev refusal rates: the reference for over-refusal
+    epoch = step // steps_per_epoch
+    skip = (step % steps_per_epoch) * cfg.grad_accum
+    while step < total_steps and not stop:
+        order = batches(examples, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length)[skip:]
+        skip = 0
+        for k in range(0, len(order), cfg.grad_accum):
+            group = order[k: k + cfg.grad_accum]
+            loss_sum, parts_sum = 0.0, {}
+            for idx in group:
+                batch = {n: v.to(device) for n, v in collate(examples, idx, pad_id).items()}
+                with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
+                    loss, parts = compute_loss(model, batch, cfg)
+                (loss / len(group)).backward()
+                loss_sum += float(loss) / len(group)
+                for kk, vv in parts.items():
+                    parts_sum[kk] = parts_sum.get(kk, 0.0) + vv / len(group)
+                tokens_seen += int(batch["attention_mask"].sum())
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            rec = {"step": step, "loss": round(loss_sum, 5), **{k: round(v, 5) for k, v in parts_sum.items()},
+                   "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen, "elapsed_s": round(time.time() - t_train, 2)}
+            log_f.write(json.dumps(rec) + "\n")
+            log_f.flush()
+            bar.update(1)
+            bar.set_description(f"train ({cfg.method}) loss {loss_sum:.3f}")
+            if step % eval_every == 0 or step == total_steps:
+                if cfg.method == "lora":
+                    stop = dev_check()
+            if stop or step >= total_steps:
+                break
+        epoch += 1
+    bar.close()
+    log_f.close()
+    train_seconds = time.time() - t_train
+    final_loss = rec["loss"] if step else None
+    if best is not None:
+        _load_trainable(model, best["state"])
+    stats = {
+        "steps": step, "examples": len(examples), "tokens": tokens_seen, "train_seconds": round(train_seconds, 1),
+        "tokens_per_second": round(tokens_seen / max(train_seconds, 1e-9), 1), "total_seconds": round(time.time() - t0, 1),
+        "final_loss": final_loss, "trainable_parameters": n_trainable, "bf16_autocast": use_bf16, "device": device,
+        "best_dev": {k: v for k, v in best.items() if k != "state"} if best else None,
+        "base_dev": history[0] if history else None,
+    }
+    model.eval()
+    if cfg.method == "lora":
+        from .patch import save_patch
+
+        n = num_layers(model)
+        meta = {"base_model": {"spec": cfg.model}, "recipe": to_dict(cfg),
+                "shape": {"rank": cfg.rank, "alpha": cfg.alpha, "target_modules": list(cfg.target_modules),
+                          "layers": parse_layers(cfg.layers, n)},
+                "data": data_meta, "training": stats}
+        save_patch(model, run / "patch", meta, save_dtype=cfg.save_dtype)
+        out = run / "patch"
+    else:
+        out = _save_full(model, tok, run / "model", cfg, data_meta, stats)
+    atomic_write_json(run / "train_stats.json", stats)
+    return TrainResult(run_dir=run, output_dir=out, stats=stats, history=history, model=model)
+
+
+def _save_full(model: Any, tok: Any, out: Path, cfg: TrainConfig, data_meta: dict, stats: dict) -> Path:
+    import os
+    import shutil
+    import tempfile
+
+    from .models import fingerprint
+
+    tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        atomic_write_json(tmp / "finetune.json", {"base_model": {"spec": cfg.model}, "recipe": to_dict(cfg),
+                                                  "data": data_meta, "training": stats,
+                                                  "fingerprint": fingerprint(model)})
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def iter_log(path: str | Path) -> Iterator[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)

@@ -1,0 +1,116 @@
+import json
+
+import pytest
+import torch
+
+from conftest import build_tiny_model
+from safetypatch.config import PatchShape
+from safetypatch.models import fingerprint
+from safetypatch.patch import PatchError, attach_new_patch, load_patch, patch_info, save_patch, verify_files
+
+SHAPE = PatchShape(rank=2, alpha=4.0, target_modules=["up_proj", "q_proj"], layers="1")
+
+
+def _random_patch(tok, seed=0):
+    model = attach_new_patch(build_tiny_model(tok), SHAPE, seed=seed)
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    return model
+
+
+def _ids(tok):
+    return tok(["Write a poem about the sea", "How do I kill a Python process?"], return_tensors="pt", padding=True)
+
+
+@pytest.fixture()
+def saved_patch(tiny_tok, tmp_path):
+    model = _random_patch(tiny_tok)
+    save_patch(model, tmp_path / "patch", {"base_model": {"spec": "tiny"}, "shape": {"rank": 2}})
+    return model, tmp_path / "patch"
+
+
+def test_layer_selection_places_lora_only_there(tiny_tok):
+    model = _random_patch(tiny_tok)
+    names = [n for n, _ in model.named_parameters() if "lora_A" in n]
+    assert names and all(".layers.1." in n for n in names)
+    assert {n.split(".lora_A")[0].split(".")[-1] for n in names} == {"up_proj", "q_proj"}
+
+
+def test_round_trip_through_plain_peft(tiny_tok, saved_patch):
+    from peft import PeftModel
+
+    model, path = saved_patch
+    batch = _ids(tiny_tok)
+    with torch.no_grad():
+        want = model(**batch).logits
+        plain = PeftModel.from_pretrained(build_tiny_model(tiny_tok), str(path))  # no safetypatch involved
+        got = plain(**batch).logits
+        checked = load_patch(build_tiny_model(tiny_tok), path)(**batch).logits
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(checked, want)
+    meta = json.loads((path / "patch.json").read_text())
+    assert meta["base_model"]["fingerprint"] == fingerprint(build_tiny_model(tiny_tok))
+    assert patch_info(path)["sha256"] == meta["weights"]["sha256"]
+
+
+def test_merge_matches_peft_output(tiny_tok, saved_patch):
+    model, _ = saved_patch
+    batch = _ids(tiny_tok)
+    with torch.no_grad():
+        want = model(**batch).logits
+        merged = model.merge_and_unload()
+        torch.testing.assert_close(merged(**batch).logits, want, rtol=1e-4, atol=1e-5)
+
+
+def test_edited_weights_refused(tiny_tok, saved_patch):
+    _, path = saved_patch
+    w = path / "adapter_model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-3] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(PatchError, match="sha256.*truncated or edited"):
+        load_patch(build_tiny_model(tiny_tok), path)
+    w.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(PatchError, match="sha256"):
+        verify_files(path)
+
+
+def test_other_base_model_refused(tiny_tok, saved_patch):
+    _, path = saved_patch
+    other = build_tiny_model(tiny_tok, seed=123)
+    with pytest.raises(PatchError, match="another base model:\n  weights_sha256"):
+        load_patch(other, path)
+    deeper = build_tiny_model(tiny_tok, layers=3)
+    with pytest.raises(PatchError, match="num_layers: patch was trained on 2, this model has 3"):
+        load_patch(deeper, path)
+
+
+def test_pickle_refused(tiny_tok, saved_patch):
+    _, path = saved_patch
+    (path / "adapter_model.bin").write_bytes(b"not really a pickle")
+    with pytest.raises(PatchError, match="pickle"):
+        load_patch(build_tiny_model(tiny_tok), path)
+    with pytest.raises(PatchError, match="pickle|safetensors"):
+        load_patch(build_tiny_model(tiny_tok), path, verify=False)
+
+
+def test_save_never_overwrites(tiny_tok, saved_patch):
+    model, path = saved_patch
+    with pytest.raises(FileExistsError):
+        save_patch(model, path, {})
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".patch.")]  # no temp dirs left behind
+
+
+def test_half_precision_save(tiny_tok, tmp_path):
+    from safetensors.torch import load_file
+
+    model = _random_patch(tiny_tok)
+    save_patch(model, tmp_path / "p16", {}, save_dtype="float16")
+    assert {t.dtype for t in load_file(tmp_path / "p16" / "adapter_model.safetensors").values()} == {torch.float16}
+    loaded = load_patch(build_tiny_model(tiny_tok), tmp_path / "p16")
+    batch = _ids(tiny_tok)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=1e-2, atol=1e-2)

@@ -1,0 +1,92 @@
+import json
+
+import pytest
+import torch
+
+from safetypatch.config import TrainConfig
+from safetypatch.models import load_model
+from safetypatch.patch import load_patch
+from safetypatch.train import train
+
+
+def _cfg(model_dir, harmful_file, benign_file, **kw):
+    base = dict(model=str(model_dir), data=str(harmful_file), benign=str(benign_file), rank=2, alpha=8.0,
+                target_modules=["up_proj"], layers="all", lr=5e-3, epochs=2, batch_size=4, dev_size=4,
+                dev_tokens=4, anchor_tokens=8, bf16="no")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_lora_training_writes_a_loadable_patch(tiny_model_dir, harmful_file, benign_file, tmp_path):
+    res = train(_cfg(tiny_model_dir, harmful_file, benign_file), tmp_path / "run", progress=False)
+    log = [json.loads(l) for l in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == res.stats["steps"] == 10  # 20 examples / batch 4 = 5 steps per epoch, 2 epochs
+    assert log[-1]["refusal"] < log[0]["refusal"]  # refusal loss goes down
+    assert {"anchor", "lr", "tokens"} <= set(log[0])
+    meta = json.loads((res.output_dir / "patch.json").read_text())
+    assert meta["data"]["refusal"]["n"] == 12 and meta["data"]["anchors"]["n"] == 8
+    assert meta["recipe"]["rank"] == 2 and meta["shape"]["layers"] == [0, 1]
+    assert len((tmp_path / "run" / "dev_log.jsonl").read_text().splitlines()) == 3  # base + one per epoch
+    model, _ = load_model(str(tiny_model_dir))
+    load_patch(model, res.output_dir)
+    with pytest.raises(FileExistsError):
+        train(_cfg(tiny_model_dir, harmful_file, benign_file), tmp_path / "run", progress=False)
+
+
+def test_kl_anchor_loss_and_speed_paths_agree(tiny_model_dir, harmful_file, benign_file, tmp_path):
+    """Response-only logits and full logits give the same loss trajectory."""
+    a = train(_cfg(tiny_model_dir, harmful_file, benign_file, benign_loss="kl", epochs=1, group_by_length=False),
+              tmp_path / "a", progress=False)
+    b = train(_cfg(tiny_model_dir, harmful_file, benign_file, benign_loss="kl", epochs=1, group_by_length=False,
+                   response_only_logits=False), tmp_path / "b", progress=False)
+    la = [json.loads(l)["loss"] for l in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    lb = [json.loads(l)["loss"] for l in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert la == pytest.approx(lb, rel=1e-4, abs=1e-6)
+    assert la[0] > 0
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tiny_model_dir, harmful_file, benign_file, tmp_path,
+                                                             monkeypatch):
+    from safetensors.torch import load_file
+
+    import safetypatch.train as tr
+
+    cfg = lambda: _cfg(tiny_model_dir, harmful_file, benign_file, eval_every=3)  # noqa: E731
+    ref = train(cfg(), tmp_path / "ref", progress=False)
+    real, calls = tr.compute_loss, {"n": 0}
+
+    def crash_at_step_5(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(tr, "compute_loss", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(), tmp_path / "run", progress=False)
+    monkeypatch.setattr(tr, "compute_loss", real)
+    assert not (tmp_path / "run" / "patch").exists()
+    with pytest.raises(Exception, match="already holds results"):
+        train(cfg(), tmp_path / "run", progress=False)
+    with pytest.raises(ValueError, match="different recipe"):
+        train(_cfg(tiny_model_dir, harmful_file, benign_file, eval_every=3, lr=1e-2), tmp_path / "run",
+              resume=True, progress=False)
+    res = train(cfg(), tmp_path / "run", resume=True, progress=False)
+    assert res.stats["steps"] == ref.stats["steps"] == 10
+    a = load_file(ref.output_dir / "adapter_model.safetensors")
+    b = load_file(res.output_dir / "adapter_model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_full_finetuning_and_mixing(tiny_model_dir, harmful_file, benign_file, tmp_path):
+    mix = tmp_path / "mix.jsonl"
+    mix.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"answer {i}"}) + "\n" for i in range(30)))
+    res = train(_cfg(tiny_model_dir, harmful_file, benign_file, method="full", layers="1", epochs=1,
+                     mix=str(mix), mix_ratio=0.3), tmp_path / "full", progress=False)
+    meta = json.loads((res.output_dir / "finetune.json").read_text())
+    assert meta["data"]["mix"]["n"] == round(0.3 / 0.7 * 20)
+    tuned, _ = load_model(str(res.output_dir))
+    base, _ = load_model(str(tiny_model_dir))
+    changed = {n for (n, p), (_, q) in zip(tuned.named_parameters(), base.named_parameters()) if not torch.equal(p, q)}
+    assert changed and all(".layers.1." in n for n in changed)
