@@ -21,6 +21,9 @@ def test_jsonl_bad_json_and_empty_field(tmp_path):
         read_records(f)
     f.write_text('{"prompt": "a", "response": ""}\n')
     with pytest.raises(DataError, match=r"d\.jsonl:1: field 'response' is empty"):
+        read_records(f, require_response=True)
+    f.write_text('{"prompt": "a", "response": 3}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:1: field 'response' is empty or not text"):
         read_records(f)
     f.write_text('{"prompt": "a"}\n')
     with pytest.raises(DataError, match=r"d\.jsonl:1: missing field 'response'"):

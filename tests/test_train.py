@@ -21,8 +21,9 @@ def test_lora_training_writes_a_loadable_patch(tiny_model_dir, harmful_file, ben
     res = train(_cfg(tiny_model_dir, harmful_file, benign_file), tmp_path / "run", progress=False)
     log = [json.loads(l) for l in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == res.stats["steps"] == 10  # 20 examples / batch 4 = 5 steps per epoch, 2 epochs
-    assert log[-1]["refusal"] < log[0]["refusal"]  # refusal loss goes down
-    assert {"anchor", "lr", "tokens"} <= set(log[0])
+    refusal = [r["refusal"] for r in log if "refusal" in r]
+    assert sum(refusal[-3:]) < sum(refusal[:3])  # refusal loss goes down
+    assert any("anchor" in r for r in log) and {"lr", "tokens"} <= set(log[0])
     meta = json.loads((res.output_dir / "patch.json").read_text())
     assert meta["data"]["refusal"]["n"] == 12 and meta["data"]["anchors"]["n"] == 8
     assert meta["recipe"]["rank"] == 2 and meta["shape"]["layers"] == [0, 1]

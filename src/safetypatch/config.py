@@ -70,6 +70,8 @@ class TrainConfig(PatchShape):
     benign_loss: str = field(default="ce", metadata={"help": "anchor objective: 'ce' (self-distillation) or 'kl'"})
     benign_weight: float = field(default=1.0, metadata={"help": "weight of the anchor loss"})
     anchor_tokens: int = field(default=48, metadata={"help": "max tokens of the base model's answer used as anchor"})
+    init: str = field(default="default", metadata={"help": "LoRA A init: 'default' (PEFT's) or 'contrast' "
+                                                             "(harmful-minus-benign input direction)"})
     mix: str | None = field(default=None, metadata={"help": "general-purpose prompt/response file mixed into training"})
     mix_ratio: float = field(default=0.0, metadata={"help": "fraction of mixed examples in the training set"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
@@ -83,6 +85,8 @@ class TrainConfig(PatchShape):
     seed: int = field(default=0, metadata={"help": "seed for splits, shuffling and initialisation"})
     eval_every: int = field(default=0, metadata={"help": "steps between dev checks for early stopping (0: per epoch)"})
     patience: int = field(default=0, metadata={"help": "dev checks without improvement before stopping (0: never)"})
+    dev_harmful: str = field(default="builtin:harmful:dev", metadata={"help": "harmful prompts for early stopping"})
+    dev_benign: str = field(default="builtin:benign:dev", metadata={"help": "benign prompts for early stopping"})
     dev_size: int = field(default=40, metadata={"help": "dev prompts per side used for early stopping"})
     dev_tokens: int = field(default=24, metadata={"help": "tokens generated per dev prompt for early stopping"})
     bf16: str = field(default="auto", metadata={"help": "bf16 autocast: 'auto' (when the CPU/GPU supports it), 'yes', 'no'"})
@@ -98,6 +102,7 @@ class TrainConfig(PatchShape):
             "schedule": ("cosine", "linear", "constant"),
             "bf16": ("auto", "yes", "no"),
             "save_dtype": ("float32", "float16", "bfloat16"),
+            "init": ("default", "contrast"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 from .anchors import base_answers
 from .config import GenerationConfig, TrainConfig, parse_layers, to_dict
-from .data.builtin import builtin_split, resolve_prompts
+from .data.builtin import resolve_prompts
 from .data.chat import IGNORE_INDEX, Encoded, encode_example
 from .data.readers import Record, read_records
 from .generation import generate
@@ -47,14 +47,18 @@ def _records_hash(records: list[Record]) -> str:
     return sha256_text(*(json.dumps([r.chat(), r.response], sort_keys=True) for r in records))
 
 
-def build_examples(cfg: TrainConfig, model: Any, tok: Any) -> tuple[list[Encoded], dict[str, Any]]:
-    """Tokenized training examples (refusals, anchors, mixed data) and a description with data hashes."""
+def build_examples(cfg: TrainConfig, model: Any, tok: Any
+                   ) -> tuple[list[Encoded], dict[str, Any], dict[str, list[Record]]]:
+    """Tokenized training examples (refusals, anchors, mixed data), a description with data hashes, and the
+    source records by kind."""
     refusals = resolve_prompts(cfg.data, cfg.prompt_field, cfg.response_field, require_response=True)
     examples = [encode_example(tok, r.chat(), r.response or "", cfg.max_length, kind="refusal") for r in refusals]
     meta: dict[str, Any] = {"refusal": {"source": cfg.data, "n": len(refusals), "sha256": _records_hash(refusals)}}
+    sources: dict[str, list[Record]] = {"refusal": refusals, "anchor": []}
     if cfg.benign and cfg.benign.lower() != "none":
         spec = "builtin:benign:train" if cfg.benign == "builtin" else cfg.benign
         benign = resolve_prompts(spec, cfg.prompt_field, None)
+        sources["anchor"] = benign
         answers = base_answers(model, tok, benign, cfg.anchor_tokens)
         for r, (ids, finished) in zip(benign, answers):
             if ids:
@@ -68,7 +72,7 @@ def build_examples(cfg: TrainConfig, model: Any, tok: Any) -> tuple[list[Encoded
         chosen = [mix[rng.randrange(len(mix))] for _ in range(n_mix)] if n_mix > len(mix) else rng.sample(mix, n_mix)
         examples += [encode_example(tok, r.chat(), r.response or "", cfg.max_length, kind="mix") for r in chosen]
         meta["mix"] = {"source": cfg.mix, "n": n_mix, "ratio": cfg.mix_ratio, "sha256": _records_hash(chosen)}
-    return examples, meta
+    return examples, meta, sources
 
 
 def batches(examples: list[Encoded], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
@@ -156,14 +160,16 @@ def compute_loss(model: Any, batch: dict[str, Any], cfg: TrainConfig) -> tuple[A
 
 # ------------------------------------------------------------------------------------------------- dev checks
 def dev_prompts(cfg: TrainConfig) -> tuple[list[Record], list[Record]]:
-    """Harmful and benign dev prompts (built-in dev splits), at most cfg.dev_size each, spread over categories."""
+    """Harmful and benign dev prompts (built-in dev splits by default), at most cfg.dev_size each, spread evenly."""
     def take(records: list[Record], n: int) -> list[Record]:
         if len(records) <= n:
             return records
         step = len(records) / n
         return [records[int(i * step)] for i in range(n)]
 
-    return take(builtin_split("harmful", "dev"), cfg.dev_size), take(builtin_split("benign", "dev"), cfg.dev_size)
+    harmful = resolve_prompts(cfg.dev_harmful, cfg.prompt_field, None, default_split="dev")
+    benign = resolve_prompts(cfg.dev_benign, cfg.prompt_field, None, default_split="dev")
+    return take(harmful, cfg.dev_size), take(benign, cfg.dev_size)
 
 
 def refusal_rates(model: Any, tok: Any, harmful: list[Record], benign: list[Record], max_new_tokens: int,
@@ -294,7 +300,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, device: s
     t0 = time.time()
     model, tok = model_and_tok or load_model(cfg.model)
     model.to(device)
-    examples, data_meta = build_examples(cfg, model, tok)
+    examples, data_meta, sources = build_examples(cfg, model, tok)
     if (run / "train_config.json").exists() and resume:
         saved = json.loads((run / "train_config.json").read_text())
         if saved != to_dict(cfg):
@@ -302,6 +308,13 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, device: s
             raise ValueError(f"{run}: --resume with a different recipe (fields {diff}); use the same flags")
     atomic_write_json(run / "train_config.json", to_dict(cfg))
     model = prepare_model(cfg, model)
+    if cfg.init == "contrast" and cfg.method == "lora" and not (run / CHECKPOINT_DIR / "state.json").exists():
+        from .contrast_init import contrast_init
+
+        if not sources["anchor"]:
+            raise ValueError("init 'contrast' needs benign prompts: set --benign")
+        data_meta["init"] = {"method": "contrast", "separation": contrast_init(model, tok, sources["refusal"],
+                                                                              sources["anchor"])}
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
@@ -363,7 +376,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, device: s
                 with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
                     loss, parts = compute_loss(model, batch, cfg)
                 (loss / len(group)).backward()
-                loss_sum += float(loss) / len(group)
+                loss_sum += float(loss.detach()) / len(group)
                 for kk, vv in parts.items():
                     parts_sum[kk] = parts_sum.get(kk, 0.0) + vv / len(group)
                 tokens_seen += int(batch["attention_mask"].sum())

@@ -164,7 +164,9 @@ def read_records(
             if response_field and response_field in row and row[response_field] is not None:
                 response = row[response_field]
                 if not isinstance(response, str) or not response.strip():
-                    raise DataError(f"{where}: field '{response_field}' is empty or not text")
+                    if require_response or not isinstance(response, str):
+                        raise DataError(f"{where}: field '{response_field}' is empty or not text")
+                    response = None  # an empty optional cell (CSV) is no response
             if require_response and response is None:
                 raise DataError(f"{where}: missing field '{response_field}'; "
                                 "set --response-field to the column holding the response")
