@@ -72,6 +72,7 @@ class TrainConfig(PatchShape):
     anchor_tokens: int = field(default=48, metadata={"help": "max tokens of the base model's answer used as anchor"})
     init: str = field(default="default", metadata={"help": "LoRA A init: 'default' (PEFT's) or 'contrast' "
                                                              "(harmful-minus-benign input direction)"})
+    freeze_a: bool = field(default=False, metadata={"help": "keep LoRA A fixed at its init (train B only)"})
     mix: str | None = field(default=None, metadata={"help": "general-purpose prompt/response file mixed into training"})
     mix_ratio: float = field(default=0.0, metadata={"help": "fraction of mixed examples in the training set"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})

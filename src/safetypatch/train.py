@@ -190,7 +190,8 @@ def dev_score(rates: dict[str, float], base_benign: float) -> float:
 
 # ------------------------------------------------------------------------------------------------- checkpoints
 def _trainable_state(model: Any) -> dict[str, Any]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """Trained tensors: every trainable parameter and every LoRA tensor (a frozen A is part of the patch too)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad or "lora_" in n}
 
 
 def _load_trainable(model: Any, state: dict[str, Any]) -> None:
@@ -211,7 +212,6 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, s
 
     ck = run_dir / CHECKPOINT_DIR
     ck.mkdir(exist_ok=True)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
     tensors = {f"param/{n}": t.contiguous() for n, t in _trainable_state(model).items()}
     opt = optimizer.state_dict()
     for pid, st in opt["state"].items():
@@ -221,7 +221,7 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: Any, scheduler: Any, s
     if best is not None:
         tensors.update({f"best/{n}": t.contiguous() for n, t in best["state"].items()})
     atomic_write_bytes(ck / "state.safetensors", st_save(tensors))
-    meta = dict(state, param_names=names, scheduler=scheduler.state_dict(),
+    meta = dict(state, scheduler=scheduler.state_dict(),
                 opt_param_groups=opt["param_groups"],
                 best={k: v for k, v in (best or {}).items() if k != "state"} if best else None)
     atomic_write_json(ck / "state.json", meta)
@@ -315,6 +315,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, device: s
             raise ValueError("init 'contrast' needs benign prompts: set --benign")
         data_meta["init"] = {"method": "contrast", "separation": contrast_init(model, tok, sources["refusal"],
                                                                               sources["anchor"])}
+    if cfg.freeze_a and cfg.method == "lora":
+        for n, p in model.named_parameters():
+            if "lora_A" in n:
+                p.requires_grad_(False)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
