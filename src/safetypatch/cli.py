@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("patch")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_patch_info)
+
+    from . import cli_analyze, cli_patch
+
+    cli_patch.register(psub)
+
+    cli_analyze.register(sub)
     return p
 
 

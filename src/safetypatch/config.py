@@ -69,6 +69,9 @@ class TrainConfig(PatchShape):
     )
     benign_loss: str = field(default="ce", metadata={"help": "anchor objective: 'ce' (self-distillation) or 'kl'"})
     benign_weight: float = field(default=1.0, metadata={"help": "weight of the anchor loss"})
+    decision_tokens: int = field(default=0, metadata={"help": "first N response tokens get extra weight "
+                                                                  "(where refuse-or-answer is decided); 0: off"})
+    decision_weight: float = field(default=1.0, metadata={"help": "loss weight of those first response tokens"})
     anchor_tokens: int = field(default=48, metadata={"help": "max tokens of the base model's answer used as anchor"})
     init: str = field(default="default", metadata={"help": "LoRA A init: 'default' (PEFT's) or 'contrast' "
                                                              "(harmful-minus-benign input direction)"})

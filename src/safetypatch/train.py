@@ -127,8 +127,14 @@ def response_logits(model: Any, batch: dict[str, Any], response_only: bool) -> t
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        use_cache=False).logits[:, :-1][target_mask]
-    rows = torch.arange(labels.shape[0]).unsqueeze(1).expand_as(target_mask)[target_mask]
+    rows = torch.arange(labels.shape[0], device=labels.device).unsqueeze(1).expand_as(target_mask)[target_mask]
     return logits.float(), labels[:, 1:][target_mask], rows
+
+
+def response_positions(batch: dict[str, Any]) -> Any:
+    """Index of each target token within its response (0 = first answer token), aligned with response_logits."""
+    target_mask = batch["labels"][:, 1:] != IGNORE_INDEX
+    return (target_mask.long().cumsum(1) - 1)[target_mask]
 
 
 def compute_loss(model: Any, batch: dict[str, Any], cfg: TrainConfig) -> tuple[Any, dict[str, float]]:
@@ -149,6 +155,9 @@ def compute_loss(model: Any, batch: dict[str, Any], cfg: TrainConfig) -> tuple[A
         per_token = per_token.clone()
         per_token[is_anchor] = kl
     weights = torch.where(is_anchor, torch.full_like(per_token, cfg.benign_weight), torch.ones_like(per_token))
+    if cfg.decision_tokens > 0 and cfg.decision_weight != 1.0:
+        early = response_positions(batch) < cfg.decision_tokens
+        weights = torch.where(early, weights * cfg.decision_weight, weights)
     loss = (per_token * weights).sum() / max(1, per_token.numel())
     with torch.no_grad():
         if (~is_anchor).any():
