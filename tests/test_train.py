@@ -91,3 +91,40 @@ def test_full_finetuning_and_mixing(tiny_model_dir, harmful_file, benign_file, t
     base, _ = load_model(str(tiny_model_dir))
     changed = {n for (n, p), (_, q) in zip(tuned.named_parameters(), base.named_parameters()) if not torch.equal(p, q)}
     assert changed and all(".layers.1." in n for n in changed)
+
+
+@pytest.mark.parametrize("init", ["contrast", "lda"])
+def test_contrast_init_starts_as_a_no_op_and_sets_a_direction(tiny_model_dir, harmful_file, benign_file, tmp_path,
+                                                             init):
+    from safetypatch.contrast_init import contrast_init
+    from safetypatch.data import read_records
+    from safetypatch.patch import attach_new_patch
+    from safetypatch.config import PatchShape
+
+    model, tok = load_model(str(tiny_model_dir))
+    ids = tok(["Write a poem"], return_tensors="pt")
+    with torch.no_grad():
+        before = model(**ids).logits
+    peft_model = attach_new_patch(model, PatchShape(rank=2, target_modules=["up_proj"], layers="all"))
+    a_before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_A" in n}
+    sep = contrast_init(peft_model, tok, read_records(harmful_file), read_records(benign_file), lda=init == "lda")
+    assert len(sep) == 2 and all(v > 0 for v in sep.values())  # the direction separates the sets it came from
+    for n, p in peft_model.named_parameters():
+        if "lora_A" in n:
+            assert not torch.equal(p[0], a_before[n][0])  # row 0 set
+            torch.testing.assert_close(p[1], a_before[n][1])  # other rows keep PEFT's init
+            torch.testing.assert_close(p[0].norm(), a_before[n][0].norm())  # same scale
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(**ids).logits, before)  # B = 0: still the base model
+
+
+def test_freeze_a_trains_b_only(tiny_model_dir, harmful_file, benign_file, tmp_path):
+    from safetensors.torch import load_file
+
+    res = train(_cfg(tiny_model_dir, harmful_file, benign_file, init="lda", freeze_a=True, epochs=1), tmp_path / "r",
+                progress=False)
+    assert res.stats["trainable_parameters"] == 2 * 64 * 2  # B only: 2 layers x (64 out x rank 2)
+    w = load_file(res.output_dir / "adapter_model.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in w.items() if "lora_B" in k)
+    meta = json.loads((res.output_dir / "patch.json").read_text())
+    assert meta["data"]["init"]["method"] == "lda"

@@ -73,8 +73,9 @@ class TrainConfig(PatchShape):
                                                                   "(where refuse-or-answer is decided); 0: off"})
     decision_weight: float = field(default=1.0, metadata={"help": "loss weight of those first response tokens"})
     anchor_tokens: int = field(default=48, metadata={"help": "max tokens of the base model's answer used as anchor"})
-    init: str = field(default="default", metadata={"help": "LoRA A init: 'default' (PEFT's) or 'contrast' "
-                                                             "(harmful-minus-benign input direction)"})
+    init: str = field(default="default", metadata={"help": "LoRA A init: 'default' (PEFT's), 'contrast' "
+                                                             "(harmful-minus-benign input direction) or 'lda' "
+                                                             "(that direction whitened: Fisher's discriminant)"})
     freeze_a: bool = field(default=False, metadata={"help": "keep LoRA A fixed at its init (train B only)"})
     mix: str | None = field(default=None, metadata={"help": "general-purpose prompt/response file mixed into training"})
     mix_ratio: float = field(default=0.0, metadata={"help": "fraction of mixed examples in the training set"})
@@ -106,7 +107,7 @@ class TrainConfig(PatchShape):
             "schedule": ("cosine", "linear", "constant"),
             "bf16": ("auto", "yes", "no"),
             "save_dtype": ("float32", "float16", "bfloat16"),
-            "init": ("default", "contrast"),
+            "init": ("default", "contrast", "lda"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -23,18 +23,25 @@ def _lora_modules(model: Any) -> dict[str, Any]:
 
 
 def mean_inputs(model: Any, tok: Any, records: list[Record], modules: dict[str, Any], tail: int = 5,
-                batch_size: int = 16) -> dict[str, Any]:
-    """Mean input of each module over the last `tail` prompt tokens (left-padded batches, adapter off)."""
+                batch_size: int = 16, second_moment: bool = False) -> dict[str, Any]:
+    """Mean input of each module over the last `tail` prompt tokens (left-padded batches, adapter off).
+
+    With `second_moment`, values are (mean, E[x x^T]) pairs, for a within-class covariance.
+    """
     import torch
 
     sums: dict[str, Any] = {}
+    outer: dict[str, Any] = {}
     count = 0
     hooks = []
 
     def make_hook(name: str):
         def hook(_mod: Any, args: tuple) -> None:
-            x = args[0][:, -tail:, :].detach().float()
+            x = args[0][:, -tail:, :].detach().double()
             sums[name] = sums.get(name, 0) + x.sum(dim=(0, 1))
+            if second_moment:
+                flat = x.reshape(-1, x.shape[-1])
+                outer[name] = outer.get(name, 0) + flat.T @ flat
         return hook
 
     for name, mod in modules.items():
@@ -58,32 +65,46 @@ def mean_inputs(model: Any, tok: Any, records: list[Record], modules: dict[str, 
     finally:
         for h in hooks:
             h.remove()
+    if second_moment:
+        return {n: (s / count, outer[n] / count) for n, s in sums.items()}
     return {n: s / count for n, s in sums.items()}
 
 
 def contrast_init(model: Any, tok: Any, harmful: list[Record], benign: list[Record], tail: int = 5,
-                  adapter: str = "default") -> dict[str, float]:
+                  adapter: str = "default", lda: bool = False, shrinkage: float = 0.1) -> dict[str, float]:
     """Set row 0 of each LoRA A to the benign-orthogonal harmful-minus-benign input direction.
 
-    Returns, per module, the separation of the direction: (mean harmful projection - mean benign projection)
-    relative to the norm of the mean input, a quick read-out of how linearly separable the two sets are there.
+    With `lda`, the difference of means is first whitened by the pooled within-class covariance (Fisher's linear
+    discriminant, shrunk towards a scaled identity), so variation shared by both sets (phrasing, length, syntax)
+    does not count as evidence of harm.
+
+    Returns, per module, Fisher's separation of the chosen direction: the gap between the two classes' mean
+    projections divided by the pooled standard deviation of the projections.
     """
     import torch
 
     modules = _lora_modules(model)
-    mu_h = mean_inputs(model, tok, harmful, modules, tail)
-    mu_b = mean_inputs(model, tok, benign, modules, tail)
+    stats_h = mean_inputs(model, tok, harmful, modules, tail, second_moment=True)
+    stats_b = mean_inputs(model, tok, benign, modules, tail, second_moment=True)
     report = {}
     with torch.no_grad():
         for name, mod in modules.items():
             A = mod.lora_A[adapter].weight  # (r, in)
-            d = mu_h[name] - mu_b[name]
-            b = mu_b[name]
-            d = d - (d @ b) / (b @ b).clamp_min(1e-12) * b
+            (mu_h, m2_h), (mu_b, m2_b) = stats_h[name], stats_b[name]
+            cov = 0.5 * ((m2_h - torch.outer(mu_h, mu_h)) + (m2_b - torch.outer(mu_b, mu_b)))
+            diff = mu_h - mu_b
+            if lda:
+                dim = cov.shape[0]
+                reg = (1 - shrinkage) * cov + shrinkage * cov.trace() / dim * torch.eye(dim, dtype=cov.dtype)
+                d = torch.linalg.solve(reg, diff)
+            else:
+                d = diff.clone()
+            d = d - (d @ mu_b) / (mu_b @ mu_b).clamp_min(1e-12) * mu_b  # benign inputs project to ~0
             norm = d.norm()
             if norm < 1e-12:
                 continue
             target_norm = A[0].norm().clamp_min(1e-6)  # keep PEFT's initial scale
             A[0].copy_((d / norm * target_norm).to(A.dtype))
-            report[name] = float(((mu_h[name] - mu_b[name]) @ d) / (norm * mu_b[name].norm().clamp_min(1e-12)))
+            spread = (d @ cov @ d).clamp_min(1e-24).sqrt()
+            report[name] = float((diff @ d) / spread)
     return report

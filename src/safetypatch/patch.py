@@ -114,18 +114,23 @@ def read_meta(patch_dir: str | Path) -> dict[str, Any]:
         raise PatchError(f"{meta_file}: damaged ({e.msg} at line {e.lineno})") from None
 
 
-def verify_files(patch_dir: str | Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Check a patch directory on disk: safetensors weights only, config present, sha256 as recorded."""
+def check_adapter_dir(patch_dir: str | Path) -> Path:
+    """An adapter directory with its config and safetensors weights, and no pickle files; else PatchError."""
     p = Path(patch_dir)
     if not p.is_dir():
         raise PatchError(f"{p}: no such patch directory")
     pickles = [f.name for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES]
     if pickles:
         raise PatchError(f"{p}: holds pickle file(s) {pickles}; safetypatch loads weights from safetensors only")
-    if not (p / ADAPTER_WEIGHTS).exists():
-        raise PatchError(f"{p}: no {ADAPTER_WEIGHTS}")
-    if not (p / ADAPTER_CONFIG).exists():
-        raise PatchError(f"{p}: no {ADAPTER_CONFIG}")
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (p / name).exists():
+            raise PatchError(f"{p}: no {name}")
+    return p
+
+
+def verify_files(patch_dir: str | Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Check a patch directory on disk: safetensors weights only, config present, sha256 as recorded."""
+    p = check_adapter_dir(patch_dir)
     meta = meta if meta is not None else read_meta(p)
     want = meta.get("weights", {}).get("sha256")
     have = sha256_file(p / ADAPTER_WEIGHTS)
@@ -160,8 +165,8 @@ def load_patch(model: Any, patch_dir: str | Path, verify: bool = True, is_traina
     if verify:
         meta = verify_files(p)
         check_base(meta, model, p)
-    elif not (p / ADAPTER_WEIGHTS).exists() or any(f.suffix in PICKLE_SUFFIXES for f in p.iterdir()):
-        raise PatchError(f"{p}: needs {ADAPTER_WEIGHTS} and no pickle files; only safetensors are loaded")
+    else:
+        check_adapter_dir(p)
     try:
         return PeftModel.from_pretrained(model, str(p), is_trainable=is_trainable, adapter_name=adapter_name)
     except (RuntimeError, ValueError, KeyError) as e:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from .io_utils import atomic_write_json, fsync_dir, sha256_file
 from .models import fingerprint_differences
-from .patch import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT, PATCH_META, PICKLE_SUFFIXES, PatchError, verify_files
+from .patch import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT, PATCH_META, PatchError, check_adapter_dir, verify_files
 
 if TYPE_CHECKING:
     import torch
@@ -37,15 +37,7 @@ def read_adapter(patch_dir: str | Path) -> AdapterState:
     """adapter_config.json and the adapter's tensors (safetensors only) of a patch or plain PEFT adapter dir."""
     from safetensors.torch import load_file
 
-    p = Path(patch_dir)
-    if not p.is_dir():
-        raise PatchError(f"{p}: no such patch directory")
-    pickles = [f.name for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES]
-    if pickles:
-        raise PatchError(f"{p}: holds pickle file(s) {pickles}; safetypatch reads weights from safetensors only")
-    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        if not (p / name).exists():
-            raise PatchError(f"{p}: no {name}")
+    p = check_adapter_dir(patch_dir)
     try:
         config = json.loads((p / ADAPTER_CONFIG).read_text())
     except json.JSONDecodeError as e:

@@ -317,13 +317,13 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, device: s
             raise ValueError(f"{run}: --resume with a different recipe (fields {diff}); use the same flags")
     atomic_write_json(run / "train_config.json", to_dict(cfg))
     model = prepare_model(cfg, model)
-    if cfg.init == "contrast" and cfg.method == "lora" and not (run / CHECKPOINT_DIR / "state.json").exists():
+    if cfg.init in ("contrast", "lda") and cfg.method == "lora" and not (run / CHECKPOINT_DIR / "state.json").exists():
         from .contrast_init import contrast_init
 
         if not sources["anchor"]:
-            raise ValueError("init 'contrast' needs benign prompts: set --benign")
-        data_meta["init"] = {"method": "contrast", "separation": contrast_init(model, tok, sources["refusal"],
-                                                                              sources["anchor"])}
+            raise ValueError(f"init '{cfg.init}' needs benign prompts: set --benign")
+        sep = contrast_init(model, tok, sources["refusal"], sources["anchor"], lda=cfg.init == "lda")
+        data_meta["init"] = {"method": cfg.init, "fisher_separation": sep}
     if cfg.freeze_a and cfg.method == "lora":
         for n, p in model.named_parameters():
             if "lora_A" in n:
