@@ -12,7 +12,7 @@ from safetypatch.train import train
 def _cfg(model_dir, harmful_file, benign_file, **kw):
     base = dict(model=str(model_dir), data=str(harmful_file), benign=str(benign_file), rank=2, alpha=8.0,
                 target_modules=["up_proj"], layers="all", lr=5e-3, epochs=2, batch_size=4, dev_size=4,
-                dev_tokens=4, anchor_tokens=8, bf16="no")
+                dev_tokens=4, anchor_tokens=8, bf16="no", eval_every=0)
     base.update(kw)
     return TrainConfig(**base)
 

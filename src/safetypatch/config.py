@@ -68,27 +68,27 @@ class TrainConfig(PatchShape):
         metadata={"help": "benign anchor prompts answered by the base model itself ('builtin', a file, or 'none')"},
     )
     benign_loss: str = field(default="ce", metadata={"help": "anchor objective: 'ce' (self-distillation) or 'kl'"})
-    benign_weight: float = field(default=1.0, metadata={"help": "weight of the anchor loss"})
+    benign_weight: float = field(default=2.0, metadata={"help": "weight of the anchor loss"})
     decision_tokens: int = field(default=0, metadata={"help": "first N response tokens get extra weight "
                                                                   "(where refuse-or-answer is decided); 0: off"})
     decision_weight: float = field(default=1.0, metadata={"help": "loss weight of those first response tokens"})
     anchor_tokens: int = field(default=48, metadata={"help": "max tokens of the base model's answer used as anchor"})
-    init: str = field(default="default", metadata={"help": "LoRA A init: 'default' (PEFT's), 'contrast' "
+    init: str = field(default="lda", metadata={"help": "LoRA A init: 'default' (PEFT's), 'contrast' "
                                                              "(harmful-minus-benign input direction) or 'lda' "
                                                              "(that direction whitened: Fisher's discriminant)"})
-    freeze_a: bool = field(default=False, metadata={"help": "keep LoRA A fixed at its init (train B only)"})
+    freeze_a: bool = field(default=True, metadata={"help": "keep LoRA A fixed at its init (train B only)"})
     mix: str | None = field(default=None, metadata={"help": "general-purpose prompt/response file mixed into training"})
     mix_ratio: float = field(default=0.0, metadata={"help": "fraction of mixed examples in the training set"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
     schedule: str = field(default="cosine", metadata={"help": "'cosine', 'linear' or 'constant' (with warmup)"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of steps spent warming up"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    epochs: float = field(default=2.0, metadata={"help": "passes over the training set (fractions allowed)"})
+    epochs: float = field(default=3.0, metadata={"help": "passes over the training set (fractions allowed)"})
     batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     max_length: int = field(default=256, metadata={"help": "truncate examples to this many tokens"})
     seed: int = field(default=0, metadata={"help": "seed for splits, shuffling and initialisation"})
-    eval_every: int = field(default=0, metadata={"help": "steps between dev checks for early stopping (0: per epoch)"})
+    eval_every: int = field(default=10, metadata={"help": "steps between dev checks for early stopping (0: per epoch)"})
     patience: int = field(default=0, metadata={"help": "dev checks without improvement before stopping (0: never)"})
     dev_harmful: str = field(default="builtin:harmful:dev", metadata={"help": "harmful prompts for early stopping"})
     dev_benign: str = field(default="builtin:benign:dev", metadata={"help": "benign prompts for early stopping"})
