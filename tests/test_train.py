@@ -128,3 +128,15 @@ def test_freeze_a_trains_b_only(tiny_model_dir, harmful_file, benign_file, tmp_p
     assert any(v.abs().sum() > 0 for k, v in w.items() if "lora_B" in k)
     meta = json.loads((res.output_dir / "patch.json").read_text())
     assert meta["data"]["init"]["method"] == "lda"
+
+
+def test_harmful_groups_split_whole_categories():
+    from safetypatch.contrast_init import harmful_groups
+    from safetypatch.data import Record
+
+    recs = [Record(prompt=f"p{i}", meta={"category": c}) for i, c in enumerate("aabbccd")]
+    groups = harmful_groups(recs, 2)
+    assert len(groups) == 2 and sum(map(len, groups)) == 7
+    cats = [{r.meta["category"] for r in g} for g in groups]
+    assert cats == [{"a", "c"}, {"b", "d"}]
+    assert harmful_groups(recs, 1) == [recs]

@@ -72,39 +72,57 @@ def mean_inputs(model: Any, tok: Any, records: list[Record], modules: dict[str, 
 
 def contrast_init(model: Any, tok: Any, harmful: list[Record], benign: list[Record], tail: int = 5,
                   adapter: str = "default", lda: bool = False, shrinkage: float = 0.1) -> dict[str, float]:
-    """Set row 0 of each LoRA A to the benign-orthogonal harmful-minus-benign input direction.
+    """Set the rows of each LoRA A to benign-orthogonal harmful-minus-benign input directions.
+
+    Row i gets the direction of harmful group i (see `harmful_groups`); rows beyond the number of groups keep
+    PEFT's initialisation.
 
     With `lda`, the difference of means is first whitened by the pooled within-class covariance (Fisher's linear
     discriminant, shrunk towards a scaled identity), so variation shared by both sets (phrasing, length, syntax)
     does not count as evidence of harm.
 
-    Returns, per module, Fisher's separation of the chosen direction: the gap between the two classes' mean
-    projections divided by the pooled standard deviation of the projections.
+    Returns, per module, Fisher's separation of the chosen directions (mean over rows): the gap between the two
+    classes' mean projections divided by the pooled standard deviation of the projections.
     """
     import torch
 
     modules = _lora_modules(model)
-    stats_h = mean_inputs(model, tok, harmful, modules, tail, second_moment=True)
+    rank = next(iter(modules.values())).lora_A[adapter].weight.shape[0] if modules else 1
+    groups = harmful_groups(harmful, rank)
+    stats_hs = [mean_inputs(model, tok, g, modules, tail, second_moment=True) for g in groups]
     stats_b = mean_inputs(model, tok, benign, modules, tail, second_moment=True)
     report = {}
     with torch.no_grad():
         for name, mod in modules.items():
             A = mod.lora_A[adapter].weight  # (r, in)
-            (mu_h, m2_h), (mu_b, m2_b) = stats_h[name], stats_b[name]
-            cov = 0.5 * ((m2_h - torch.outer(mu_h, mu_h)) + (m2_b - torch.outer(mu_b, mu_b)))
-            diff = mu_h - mu_b
-            if lda:
-                dim = cov.shape[0]
-                reg = (1 - shrinkage) * cov + shrinkage * cov.trace() / dim * torch.eye(dim, dtype=cov.dtype)
-                d = torch.linalg.solve(reg, diff)
-            else:
-                d = diff.clone()
-            d = d - (d @ mu_b) / (mu_b @ mu_b).clamp_min(1e-12) * mu_b  # benign inputs project to ~0
-            norm = d.norm()
-            if norm < 1e-12:
-                continue
             target_norm = A[0].norm().clamp_min(1e-6)  # keep PEFT's initial scale
-            A[0].copy_((d / norm * target_norm).to(A.dtype))
-            spread = (d @ cov @ d).clamp_min(1e-24).sqrt()
-            report[name] = float((diff @ d) / spread)
+            seps = []
+            for row, stats_h in enumerate(stats_hs):
+                (mu_h, m2_h), (mu_b, m2_b) = stats_h[name], stats_b[name]
+                cov = 0.5 * ((m2_h - torch.outer(mu_h, mu_h)) + (m2_b - torch.outer(mu_b, mu_b)))
+                diff = mu_h - mu_b
+                if lda:
+                    dim = cov.shape[0]
+                    reg = (1 - shrinkage) * cov + shrinkage * cov.trace() / dim * torch.eye(dim, dtype=cov.dtype)
+                    d = torch.linalg.solve(reg, diff)
+                else:
+                    d = diff.clone()
+                d = d - (d @ mu_b) / (mu_b @ mu_b).clamp_min(1e-12) * mu_b  # benign inputs project to ~0
+                norm = d.norm()
+                if norm < 1e-12:
+                    continue
+                A[row].copy_((d / norm * target_norm).to(A.dtype))
+                seps.append(float((diff @ d) / (d @ cov @ d).clamp_min(1e-24).sqrt()))
+            if seps:
+                report[name] = sum(seps) / len(seps)
     return report
+
+
+def harmful_groups(harmful: list[Record], rank: int) -> list[list[Record]]:
+    """Split harmful records into `rank` groups of whole harm categories (round-robin over sorted categories), so
+    a rank-r patch gets one detector per group; rank 1 (or no categories) keeps them together."""
+    cats = sorted({str(r.meta.get("category", "")) for r in harmful})
+    if rank <= 1 or len(cats) < 2:
+        return [harmful]
+    n = min(rank, len(cats))
+    return [[r for r in harmful if cats.index(str(r.meta.get("category", ""))) % n == g] for g in range(n)]
