@@ -150,6 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .data.readers import DataError
     from .io_utils import OutputExistsError
 
+    import warnings
+
+    # transformers 5 warns about a deprecated attribute that peft still reads; nothing a user can act on
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     args = build_parser().parse_args(argv)
     known: tuple[type[BaseException], ...] = (ConfigError, DataError, OutputExistsError, FileExistsError)
     try:
