@@ -24,9 +24,9 @@ def test_cli_train_then_patch_info(tiny_model_dir, harmful_file, benign_file, tm
     out = tmp_path / "run"
     rc = main(["train", "--model", str(tiny_model_dir), "--data", str(harmful_file), "--benign", str(benign_file),
                "--out", str(out), "--epochs", "1", "--batch-size", "4", "--layers", "0-1", "--dev-size", "2",
-               "--dev-tokens", "2", "--anchor-tokens", "4", "--bf16", "no"])
+               "--dev-tokens", "2", "--anchor-tokens", "4", "--bf16", "no", "--rank", "2"])
     assert rc == 0
     capsys.readouterr()
     assert main(["patch", "info", str(out / "patch"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["rank"] == 1 and info["layers"] == [0, 1] and len(info["sha256"]) == 64
+    assert info["rank"] == 2 and info["layers"] == [0, 1] and len(info["sha256"]) == 64

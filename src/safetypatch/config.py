@@ -29,8 +29,8 @@ def safetypatch_home() -> Path:
 class PatchShape:
     """Where the LoRA patch goes and how big it is."""
 
-    rank: int = field(default=1, metadata={"help": "LoRA rank r"})
-    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is (alpha / r) B A"})
+    rank: int = field(default=4, metadata={"help": "LoRA rank r"})
+    alpha: float = field(default=64.0, metadata={"help": "LoRA alpha; the update is (alpha / r) B A"})
     dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
     target_modules: list[str] = field(
         default_factory=lambda: ["up_proj"], metadata={"help": "module names to patch, comma separated"}
@@ -97,7 +97,7 @@ class TrainConfig(PatchShape):
     bf16: str = field(default="auto", metadata={"help": "bf16 autocast: 'auto' (when the CPU/GPU supports it), 'yes', 'no'"})
     response_only_logits: bool = field(default=True, metadata={"help": "apply lm_head to response tokens only"})
     group_by_length: bool = field(default=True, metadata={"help": "batch examples of similar length together"})
-    save_dtype: str = field(default="float32", metadata={"help": "dtype of the saved adapter weights"})
+    save_dtype: str = field(default="float16", metadata={"help": "dtype of the saved adapter weights"})
 
     def validate(self, where: str = "config") -> None:
         super().validate(where)
