@@ -68,7 +68,7 @@ class TrainConfig(PatchShape):
         metadata={"help": "benign anchor prompts answered by the base model itself ('builtin', a file, or 'none')"},
     )
     benign_loss: str = field(default="ce", metadata={"help": "anchor objective: 'ce' (self-distillation) or 'kl'"})
-    benign_weight: float = field(default=2.0, metadata={"help": "weight of the anchor loss"})
+    benign_weight: float = field(default=4.0, metadata={"help": "weight of the anchor loss"})
     decision_tokens: int = field(default=0, metadata={"help": "first N response tokens get extra weight "
                                                                   "(where refuse-or-answer is decided); 0: off"})
     decision_weight: float = field(default=1.0, metadata={"help": "loss weight of those first response tokens"})
@@ -92,7 +92,7 @@ class TrainConfig(PatchShape):
     patience: int = field(default=0, metadata={"help": "dev checks without improvement before stopping (0: never)"})
     dev_harmful: str = field(default="builtin:harmful:dev", metadata={"help": "harmful prompts for early stopping"})
     dev_benign: str = field(default="builtin:benign:dev", metadata={"help": "benign prompts for early stopping"})
-    dev_size: int = field(default=40, metadata={"help": "dev prompts per side used for early stopping"})
+    dev_size: int = field(default=60, metadata={"help": "dev prompts per side used for early stopping"})
     dev_tokens: int = field(default=24, metadata={"help": "tokens generated per dev prompt for early stopping"})
     bf16: str = field(default="auto", metadata={"help": "bf16 autocast: 'auto' (when the CPU/GPU supports it), 'yes', 'no'"})
     response_only_logits: bool = field(default=True, metadata={"help": "apply lm_head to response tokens only"})
