@@ -140,3 +140,11 @@ def test_harmful_groups_split_whole_categories():
     cats = [{r.meta["category"] for r in g} for g in groups]
     assert cats == [{"a", "c"}, {"b", "d"}]
     assert harmful_groups(recs, 1) == [recs]
+
+
+def test_response_positions_count_from_the_first_answer_token():
+    from safetypatch.train import response_positions
+
+    labels = torch.tensor([[-100, -100, 5, 6, 7], [-100, 8, 9, -100, -100]])
+    # targets are labels[:, 1:]: row 0 has answer tokens 5, 6, 7; row 1 has 8, 9
+    assert response_positions({"labels": labels}).tolist() == [0, 1, 2, 0, 1]

@@ -7,7 +7,6 @@ The answers are greedy, cut at `max_tokens`, and cached per (base-model fingerpr
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from .config import GenerationConfig, safetypatch_home
@@ -33,7 +32,3 @@ def base_answers(model: Any, tok: Any, records: list[Record], max_tokens: int, b
         atomic_write_text(path, "".join(json.dumps({"prompt": r.prompt, "ids": g.token_ids, "finished": g.finished,
                                                     "text": g.text}) + "\n" for r, g in zip(records, gens)))
     return [(g.token_ids, g.finished) for g in gens]
-
-
-def anchor_cache_dir() -> Path:
-    return safetypatch_home() / "anchors"

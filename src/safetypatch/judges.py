@@ -7,7 +7,7 @@ model-based judge's output cannot be parsed; callers count those instead of mapp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 
 @dataclass(frozen=True)
@@ -102,5 +102,3 @@ def keyword_refusal(response: str) -> bool:
     """
     return _normalise_quotes(response).lower().strip().startswith(XSTEST_REFUSAL_PREFIXES)
 
-
-RefusalFn = Callable[[str], bool]

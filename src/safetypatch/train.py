@@ -18,7 +18,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .anchors import base_answers
 from .config import GenerationConfig, TrainConfig, parse_layers, to_dict
@@ -459,9 +459,3 @@ def _save_full(model: Any, tok: Any, out: Path, cfg: TrainConfig, data_meta: dic
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
-
-def iter_log(path: str | Path) -> Iterator[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
