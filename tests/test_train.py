@@ -36,9 +36,9 @@ def test_lora_training_writes_a_loadable_patch(tiny_model_dir, harmful_file, ben
 
 def test_kl_anchor_loss_and_speed_paths_agree(tiny_model_dir, harmful_file, benign_file, tmp_path):
     """Response-only logits and full logits give the same loss trajectory."""
-    a = train(_cfg(tiny_model_dir, harmful_file, benign_file, benign_loss="kl", epochs=1, group_by_length=False),
+    train(_cfg(tiny_model_dir, harmful_file, benign_file, benign_loss="kl", epochs=1, group_by_length=False),
               tmp_path / "a", progress=False)
-    b = train(_cfg(tiny_model_dir, harmful_file, benign_file, benign_loss="kl", epochs=1, group_by_length=False,
+    train(_cfg(tiny_model_dir, harmful_file, benign_file, benign_loss="kl", epochs=1, group_by_length=False,
                    response_only_logits=False), tmp_path / "b", progress=False)
     la = [json.loads(l)["loss"] for l in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
     lb = [json.loads(l)["loss"] for l in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
