@@ -50,7 +50,6 @@ INTRUDER_M = 10
 INTRUDER_THRESHOLD = 0.5
 N_RANDOM = 5
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.(.+)$")
-_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
 
 Key = tuple[int, str]
 
@@ -62,46 +61,12 @@ def split_module_path(path: str) -> Key:
     return (int(m.group(1)), m.group(2)) if m else (-1, path)
 
 
-def _pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
-    """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key)."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", path):
-            return value
-    return default
-
-
-def lora_scale(cfg: dict[str, Any], path: str) -> float:
-    """The LoRA scaling of one module: alpha / r, or alpha / sqrt(r) with use_rslora; patterns honoured."""
-    r = _pattern_value(cfg.get("rank_pattern") or {}, path, cfg.get("r", 8))
-    alpha = _pattern_value(cfg.get("alpha_pattern") or {}, path, cfg.get("lora_alpha", 8))
-    return float(alpha) / (math.sqrt(r) if cfg.get("use_rslora") else float(r))
-
-
 def lora_updates(patch_dir: str | Path) -> dict[Key, "torch.Tensor"]:
-    """dW = scale * B @ A (float64, shape out x in) per patched module, read from the adapter's safetensors."""
-    import torch
-    from safetensors.torch import load_file
+    """dW = scale * B @ A (float64, shape out x in) per patched module, read through `patch_ops.lora_deltas`."""
+    from .patch_ops import lora_deltas
 
-    from .patch import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PatchError
-
-    p = Path(patch_dir)
-    if not (p / ADAPTER_WEIGHTS).exists() or not (p / ADAPTER_CONFIG).exists():
-        raise PatchError(f"{p}: needs {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG} (only safetensors adapters are read)")
-    cfg = json.loads((p / ADAPTER_CONFIG).read_text())
-    if cfg.get("use_dora"):
-        raise PatchError(f"{p}: DoRA adapters are not supported (their update is not scale * B A)")
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for name, t in load_file(str(p / ADAPTER_WEIGHTS)).items():
-        m = _LORA_KEY.match(name)
-        if m:
-            pairs.setdefault(m.group(1), {})[m.group(2)] = t
-    out: dict[Key, torch.Tensor] = {}
-    for path, ab in sorted(pairs.items()):
-        if set(ab) != {"A", "B"}:
-            raise PatchError(f"{p}: module {path} has lora_{''.join(ab)} without its partner")
-        dw = lora_scale(cfg, path) * (ab["B"].double() @ ab["A"].double())
-        out[split_module_path(path)] = dw.reshape(dw.shape[0], -1)
-    return out
+    return {split_module_path(module): (scale * (b.double() @ a.double())).reshape(b.shape[0], -1)
+            for module, (a, b, scale) in lora_deltas(patch_dir).items()}
 
 
 def _base(model: Any) -> Any:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import datetime as _dt
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -85,3 +87,27 @@ def claim_output_dir(path: str | Path, resume: bool = False, marker: str | None 
             )
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def claim_tmp_dir(out: Path, overwrite: bool = False) -> Path:
+    """Refuse a non-empty `out` (unless `overwrite`); return a fresh temp dir beside it to build the output in."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another output directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+
+
+def commit_dir(tmp: Path, out: Path) -> None:
+    """fsync every file in `tmp`, then rename it to `out` (replacing an existing `out`): never a half directory."""
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    if out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    os.replace(tmp, out)
+    fsync_dir(out.parent)

@@ -7,17 +7,14 @@ the weights' sha256 and the base model's fingerprint must match, and only safete
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .config import PatchShape, parse_layers
-from .io_utils import atomic_write_json, fsync_dir, sha256_file
+from .io_utils import atomic_write_json, claim_tmp_dir, commit_dir, sha256_file, utc_now
 from .models import fingerprint, fingerprint_differences, num_layers
 
 PATCH_META = "patch.json"
@@ -60,10 +57,6 @@ def attach_new_patch(model: Any, shape: PatchShape, seed: int = 0) -> Any:
         raise PatchError(f"cannot place a patch on {type(model).__name__}: {e}") from None
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
 def save_patch(peft_model: Any, out_dir: str | Path, meta: dict[str, Any], save_dtype: str = "float32",
                overwrite: bool = False) -> dict[str, Any]:
     """Write the adapter and patch.json into a temp dir, fsync, then rename into place (never a half patch)."""
@@ -71,10 +64,7 @@ def save_patch(peft_model: Any, out_dir: str | Path, meta: dict[str, Any], save_
     from safetensors.torch import load_file, save_file
 
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose another output directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = claim_tmp_dir(out, overwrite)
     try:
         peft_model.save_pretrained(tmp, safe_serialization=True)
         weights = tmp / ADAPTER_WEIGHTS
@@ -83,19 +73,13 @@ def save_patch(peft_model: Any, out_dir: str | Path, meta: dict[str, Any], save_
             save_file(tensors, weights, metadata={"format": "pt"})
         full = dict(meta)
         full.setdefault("format", FORMAT)
-        full.setdefault("created", _now())
+        full.setdefault("created", utc_now())
         full.setdefault("safetypatch_version", __version__)
         full["weights"] = {"file": ADAPTER_WEIGHTS, "sha256": sha256_file(weights),
                            "bytes": weights.stat().st_size, "dtype": save_dtype}
         full["base_model"] = {**full.get("base_model", {}), "fingerprint": fingerprint(peft_model)}
         atomic_write_json(tmp / PATCH_META, full)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
+        commit_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return full

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from .io_utils import atomic_write_json, fsync_dir, sha256_file
+from .io_utils import atomic_write_json, claim_tmp_dir, commit_dir, sha256_file, utc_now
 from .models import fingerprint_differences
 from .patch import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT, PATCH_META, PatchError, check_adapter_dir, verify_files
 
@@ -140,32 +138,6 @@ def adapter_tensors(deltas: Mapping[str, tuple["torch.Tensor", "torch.Tensor"]])
     return out
 
 
-def _now() -> str:
-    import datetime as _dt
-
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
-def claim_tmp_dir(out: Path, overwrite: bool) -> Path:
-    """Refuse a non-empty `out` (unless `overwrite`); return a fresh temp dir beside it to build the output in."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose another output directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-
-
-def commit_dir(tmp: Path, out: Path) -> None:
-    """fsync every file in `tmp`, then rename it to `out` (replacing an existing `out`)."""
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    os.replace(tmp, out)
-    fsync_dir(out.parent)
-
-
 def write_adapter_dir(out_dir: str | Path, config: Mapping[str, Any], tensors: Mapping[str, "torch.Tensor"],
                       meta: Mapping[str, Any] | None = None, overwrite: bool = False) -> dict[str, Any] | None:
     """Write adapter_config.json + adapter_model.safetensors (+ patch.json when `meta` is given) atomically.
@@ -184,7 +156,7 @@ def write_adapter_dir(out_dir: str | Path, config: Mapping[str, Any], tensors: M
             from . import __version__
 
             dtypes = sorted({str(v.dtype).replace("torch.", "") for v in tensors.values()})
-            full = {"format": FORMAT, "created": _now(), "safetypatch_version": __version__, **meta}
+            full = {"format": FORMAT, "created": utc_now(), "safetypatch_version": __version__, **meta}
             full["weights"] = {"file": ADAPTER_WEIGHTS, "sha256": sha256_file(weights),
                                "bytes": weights.stat().st_size, "dtype": ",".join(dtypes)}
             atomic_write_json(tmp / PATCH_META, full)
@@ -355,7 +327,7 @@ def apply_patch(model_spec: str, patch_dir: str | Path, out_dir: str | Path, ove
         merged.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         atomic_write_json(tmp / "merged_from.json", {
-            "created": _now(), "safetypatch_version": __version__,
+            "created": utc_now(), "safetypatch_version": __version__,
             "base_model": {"spec": model_spec, "fingerprint": base_fp},
             "patch": {"path": str(patch_dir), "sha256": meta["weights"]["sha256"], "shape": meta.get("shape")},
         })

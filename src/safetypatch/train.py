@@ -441,21 +441,19 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, device: s
 
 
 def _save_full(model: Any, tok: Any, out: Path, cfg: TrainConfig, data_meta: dict, stats: dict) -> Path:
-    import os
     import shutil
-    import tempfile
 
+    from .io_utils import claim_tmp_dir, commit_dir
     from .models import fingerprint
 
-    tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=out.parent))
+    tmp = claim_tmp_dir(out)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         atomic_write_json(tmp / "finetune.json", {"base_model": {"spec": cfg.model}, "recipe": to_dict(cfg),
                                                   "data": data_meta, "training": stats,
                                                   "fingerprint": fingerprint(model)})
-        os.replace(tmp, out)
+        commit_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
