@@ -35,19 +35,19 @@ def _csv(path: Path, col: str, where: tuple[str, str] | None = None) -> list[str
         return [r[col] for r in csv.DictReader(f) if where is None or r[where[0]] == where[1]]
 
 
-def eval_sets(n_external: int) -> dict[str, list[str]]:
+def eval_sets(n_external: int, shared: Path = SHARED) -> dict[str, list[str]]:
     rng = random.Random(0)
     sample = lambda xs: xs if len(xs) <= n_external else rng.sample(xs, n_external)  # noqa: E731
     sets = {
         "builtin_harmful": [r.prompt for r in builtin_split("harmful", "test")],
         "builtin_benign": [r.prompt for r in builtin_split("benign", "test")],
     }
-    if SHARED.exists():
-        sets["jbb_harmful"] = sample(_csv(SHARED / "jbb/harmful-behaviors.csv", "goal"))
-        sets["jbb_benign"] = sample(_csv(SHARED / "jbb/benign-behaviors.csv", "goal"))
-        sets["xstest_safe"] = sample(_csv(SHARED / "xstest/xstest_prompts.csv", "prompt", ("label", "safe")))
-        sets["xstest_unsafe"] = sample(_csv(SHARED / "xstest/xstest_prompts.csv", "prompt", ("label", "unsafe")))
-        sets["advbench"] = sample(_csv(SHARED / "advbench/harmful_behaviors.csv", "goal"))
+    if shared.exists():
+        sets["jbb_harmful"] = sample(_csv(shared / "jbb/harmful-behaviors.csv", "goal"))
+        sets["jbb_benign"] = sample(_csv(shared / "jbb/benign-behaviors.csv", "goal"))
+        sets["xstest_safe"] = sample(_csv(shared / "xstest/xstest_prompts.csv", "prompt", ("label", "safe")))
+        sets["xstest_unsafe"] = sample(_csv(shared / "xstest/xstest_prompts.csv", "prompt", ("label", "unsafe")))
+        sets["advbench"] = sample(_csv(shared / "advbench/harmful_behaviors.csv", "goal"))
     return sets
 
 
@@ -68,13 +68,20 @@ def main() -> int:
     ap.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "FIELDS"), default=[])
     ap.add_argument("--n-external", type=int, default=50, help="prompts sampled from each public set")
     ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--model", default="default", help="base model for every variant (a variant's model= wins)")
+    ap.add_argument("--shared", type=Path, default=SHARED, help="directory laid out like ../shared/data")
+    ap.add_argument("--batch-size", type=int, default=16, help="generation batch size")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    sets = eval_sets(args.n_external)
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=16)
+    sets = eval_sets(args.n_external, args.shared)
+    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     base_file = out / "base.json"
-    model, tok = load_model("default")
+    model, tok = load_model(args.model)
+    import torch
+
+    if torch.cuda.is_available():
+        model.to("cuda")
     if base_file.exists():
         base = json.loads(base_file.read_text())
     else:
@@ -82,9 +89,12 @@ def main() -> int:
         base_file.write_text(json.dumps(base, indent=1))
     results = []
     for name, spec in args.variant:
-        fields_ = dict(kv.split("=", 1) for kv in spec.split(",") if kv)
+        fields_ = {"model": args.model, **dict(kv.split("=", 1) for kv in spec.split(";" if ";" in spec else ",") if kv)}
         cfg = from_dict(TrainConfig, fields_, where=f"variant {name}")
         t0 = time.time()
+        if (out / name / "train_stats.json").exists():
+            print(f"{name}: already trained in {out / name}; skipped (delete it to rerun)")
+            continue
         m, t = load_model(cfg.model)
         res = train(cfg, out / name, model_and_tok=(m, t))
         r = rates(res.model, t, sets, "patched", gen)

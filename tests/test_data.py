@@ -86,8 +86,23 @@ def test_builtin_sizes_and_categories():
         assert len(r.response.split()) <= 60
 
 
+def test_benign_extra_is_new():
+    extra, benign = load_builtin("benign_extra"), load_builtin("benign")
+    assert len(extra) >= 150 and {r.meta["kind"] for r in extra} == {"lookalike", "ordinary"}
+    assert len({r.meta["category"] for r in extra}) >= 10
+    assert not {r.prompt.lower() for r in extra} & {r.prompt.lower() for r in benign + load_builtin("harmful")}
+
+
+def test_plus_joins_sources():
+    from safetypatch.data.builtin import resolve_prompts
+
+    joined = resolve_prompts("builtin:benign:dev+builtin:benign_extra:dev")
+    assert [r.prompt for r in joined] == ([r.prompt for r in builtin_split("benign", "dev")]
+                                          + [r.prompt for r in builtin_split("benign_extra", "dev")])
+
+
 def test_builtin_splits_disjoint_and_fixed():
-    for name in ("harmful", "benign"):
+    for name in ("harmful", "benign", "benign_extra"):
         parts = {s: [r.prompt for r in builtin_split(name, s)] for s in SPLITS}
         assert sum(map(len, parts.values())) == len(load_builtin(name))
         assert not set(parts["train"]) & set(parts["dev"])
@@ -101,7 +116,7 @@ def test_builtin_is_not_copied_from_shared_benchmarks():
     """Our data is written by us: no built-in prompt appears verbatim in the public sets under ../shared."""
     if not SHARED.exists():
         pytest.skip("../shared/data not present")
-    ours = {r.prompt.strip().lower() for n in ("harmful", "benign") for r in load_builtin(n)}
+    ours = {r.prompt.strip().lower() for n in ("harmful", "benign", "benign_extra") for r in load_builtin(n)}
     theirs = set()
     import csv
 

@@ -94,6 +94,10 @@ class TrainConfig(PatchShape):
     dev_benign: str = field(default="builtin:benign:dev", metadata={"help": "benign prompts for early stopping"})
     dev_size: int = field(default=60, metadata={"help": "dev prompts per side used for early stopping"})
     dev_tokens: int = field(default=24, metadata={"help": "tokens generated per dev prompt for early stopping"})
+    dev_penalty: float = field(default=3.0, metadata={"help": "early-stopping score: harmful refusal minus this "
+                                                       "times the benign over-refusal beyond the tolerance"})
+    dev_tolerance: float = field(default=0.02, metadata={"help": "benign refusal above the base model's that the "
+                                                         "early-stopping score forgives"})
     bf16: str = field(default="auto", metadata={"help": "bf16 autocast: 'auto' (when the CPU/GPU supports it), 'yes', 'no'"})
     response_only_logits: bool = field(default=True, metadata={"help": "apply lm_head to response tokens only"})
     group_by_length: bool = field(default=True, metadata={"help": "batch examples of similar length together"})

@@ -3,6 +3,9 @@
 - `harmful`: harmful requests in 12 harm categories, each with a short refusal (`prompt`, `response`).
 - `benign`: ordinary requests and benign look-alikes of harmful ones (`kind` = ordinary | lookalike); they carry
   no response: training answers them with the base model itself.
+- `benign_extra`: more benign requests, mostly look-alikes (homonyms, idioms, safe targets and contexts,
+  definitions, history, asking for protection or help), for training anchors and dev checks; the headline test
+  split stays `benign:test`.
 
 Splits are train / dev / test, stratified by category, fixed by a seed, and disjoint by construction.
 """
@@ -16,7 +19,8 @@ from pathlib import Path
 from .readers import DataError, Record, read_records
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
-BUILTIN_SETS = ("harmful", "benign")
+BUILTIN_SETS = ("harmful", "benign", "benign_extra")
+BUILTIN_FILES = {"harmful": "harmful.jsonl", "benign": "benign.jsonl", "benign_extra": "benign_extra.jsonl"}
 SPLITS = ("train", "dev", "test")
 SPLIT_FRACTIONS = {"train": 0.6, "dev": 0.15, "test": 0.25}
 DEFAULT_SPLIT_SEED = 0
@@ -25,7 +29,7 @@ DEFAULT_SPLIT_SEED = 0
 def load_builtin(name: str) -> list[Record]:
     if name not in BUILTIN_SETS:
         raise DataError(f"unknown built-in set '{name}'; choose one of {BUILTIN_SETS}")
-    return read_records(BUILTIN_DIR / f"{name}.jsonl", require_response=(name == "harmful"))
+    return read_records(BUILTIN_DIR / BUILTIN_FILES[name], require_response=(name == "harmful"))
 
 
 def split_records(records: list[Record], split: str, seed: int = DEFAULT_SPLIT_SEED) -> list[Record]:
@@ -54,7 +58,10 @@ def builtin_split(name: str, split: str, seed: int = DEFAULT_SPLIT_SEED) -> list
 
 def resolve_prompts(spec: str, prompt_field: str = "prompt", response_field: str | None = "response",
                     require_response: bool = False, default_split: str = "train") -> list[Record]:
-    """A data argument: 'builtin' / 'builtin:harmful[:split]' / 'builtin:benign[:split]', a file, or a hub id."""
+    """A data argument: 'builtin' / 'builtin:<set>[:split]', a file, or a hub id; 'A+B' concatenates sources."""
+    if "+" in spec and not Path(spec).exists():
+        return [r for part in spec.split("+") for r in resolve_prompts(part.strip(), prompt_field, response_field,
+                                                                     require_response, default_split)]
     if spec == "builtin" or spec.startswith("builtin:"):
         parts = spec.split(":")[1:]
         name = parts[0] if parts else "harmful"
