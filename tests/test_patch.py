@@ -114,3 +114,18 @@ def test_half_precision_save(tiny_tok, tmp_path):
     batch = _ids(tiny_tok)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=1e-2, atol=1e-2)
+
+
+def test_certificate_recorded_without_touching_weights(tiny_tok, saved_patch, capsys):
+    from safetypatch.cli import main
+    from safetypatch.patch import record_evaluation
+
+    _, path = saved_patch
+    record_evaluation(path, {"suite": "builtin:harmful:test", "n": 3,
+                             "refusal": {"base": {"refusal_xstest": 0.1}, "patched": {"refusal_xstest": 0.9}}})
+    verify_files(path)  # sha256 of the weights still matches
+    info = patch_info(path)
+    assert info["evaluations"][0]["refusal"]["patched"]["refusal_xstest"] == 0.9 and info["evaluations"][0]["date"]
+    assert main(["patch", "info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "1 evaluation(s)" in out and "builtin:harmful:test" in out and "90.0%" in out

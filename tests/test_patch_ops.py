@@ -243,3 +243,28 @@ def test_apply_writes_loadable_merged_model(tiny_tok, tiny_model_dir, tmp_path, 
     with pytest.raises(FileExistsError):
         apply_patch(str(tiny_model_dir), p, out)
     assert not [x for x in tmp_path.iterdir() if x.name.startswith(".")]
+
+
+def test_merge_then_unmerge_cli_restores_base_every_module_type(tiny_tok, tiny_model_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    p = make_patch(tiny_tok, tmp_path / "p", modules=ALL_MODULES, layers="all")
+    merged, restored = tmp_path / "merged", tmp_path / "restored"
+    assert run_cli(["patch", "merge", "--model", str(tiny_model_dir), str(p), "-o", str(merged)], monkeypatch) == 0
+    assert run_cli(["patch", "unmerge", "--model", str(merged), str(p), "-o", str(restored)], monkeypatch) == 0
+    base, m, r = (load_file(d / "model.safetensors") for d in (tiny_model_dir, merged, restored))
+    changed = {k.rsplit(".", 2)[-2] for k in base if not torch.equal(base[k], m[k])}
+    assert changed >= set(ALL_MODULES)  # the merge moved every module type ...
+    for k in base:  # ... and the unmerge put every weight back
+        torch.testing.assert_close(r[k], base[k], rtol=0, atol=1e-5)
+    info = json.loads((restored / "unmerged_from.json").read_text())
+    assert info["largest_change"] > 0
+
+
+def test_unmerge_refuses_model_merged_with_another_patch(tiny_tok, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    p1 = make_patch(tiny_tok, tmp_path / "p1", modules=ALL_MODULES, layers="all")
+    p2 = make_patch(tiny_tok, tmp_path / "p2", modules=ALL_MODULES, layers="all", seed=5)
+    merged = tmp_path / "merged"
+    apply_patch(str(tiny_model_dir), p1, merged)
+    assert run_cli(["patch", "unmerge", "--model", str(merged), str(p2), "-o", str(tmp_path / "r")], monkeypatch) == 2
+    assert "merged with patch" in capsys.readouterr().err

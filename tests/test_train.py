@@ -148,3 +148,12 @@ def test_response_positions_count_from_the_first_answer_token():
     labels = torch.tensor([[-100, -100, 5, 6, 7], [-100, 8, 9, -100, -100]])
     # targets are labels[:, 1:]: row 0 has answer tokens 5, 6, 7; row 1 has 8, 9
     assert response_positions({"labels": labels}).tolist() == [0, 1, 2, 0, 1]
+
+
+def test_dev_score_penalises_over_refusal_beyond_tolerance():
+    from safetypatch.train import dev_score
+
+    rates = {"harmful_refusal": 0.9, "benign_refusal": 0.10}
+    assert dev_score(rates, base_benign=0.08) == pytest.approx(0.9)  # within the 2-point tolerance
+    assert dev_score(rates, base_benign=0.0) == pytest.approx(0.9 - 3.0 * 0.08)
+    assert dev_score(rates, base_benign=0.0, penalty=10.0, tolerance=0.0) == pytest.approx(0.9 - 1.0)

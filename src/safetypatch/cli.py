@@ -57,6 +57,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       prompt_field=args.prompt_field, judges=judges, generation=gen, limit=args.limit)
     summary = run_eval(req, args.out, resume=args.resume)
     res = summary["results"]
+    if args.patch:
+        from .patch import record_evaluation
+
+        record_evaluation(args.patch, {
+            "suite": f"prompts:{args.prompts}", "judges": list(judges), "n": summary["n_prompts"],
+            "max_new_tokens": args.max_new_tokens, "out": str(args.out),
+            "refusal": {n: {j: res[n][j] for j in judges} for n in ("base", "patched") if n in res}})
     print(f"{summary['n_prompts']} prompts from {args.prompts}; refusal rate by judge:")
     names = [n for n in ("base", "patched") if n in res]
     print("judge".ljust(18) + "".join(n.rjust(10) for n in names) + ("  difference" if "difference" in res else ""))
@@ -90,9 +97,17 @@ def cmd_patch_info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2, default=str))
         return 0
     for k, v in info.items():
+        if k == "evaluations":
+            continue
         if k == "training" and isinstance(v, dict):
             v = ", ".join(f"{a}={b}" for a, b in v.items() if not isinstance(b, dict))
         print(f"{k:>17}: {v}")
+    evals = info.get("evaluations") or []
+    print(f"{'certificate':>17}: " + ("no evaluation recorded" if not evals else f"{len(evals)} evaluation(s)"))
+    for e in evals:
+        rates = "; ".join(f"{name}: " + ", ".join(f"{j} {v:.1%}" for j, v in by_judge.items())
+                          for name, by_judge in e.get("refusal", {}).items())
+        print(f"{'':>17}  {e.get('date', '?')}  {e.get('suite', '?')}  n={e.get('n', '?')}  {rates}")
     return 0
 
 
@@ -138,11 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_patch_info)
 
-    from . import cli_analyze, cli_patch
+    from . import cli_analyze, cli_calibrate, cli_patch, interactive
 
     cli_patch.register(psub)
 
     cli_analyze.register(sub)
+    cli_calibrate.register(sub)
+    interactive.register(sub)
     return p
 
 

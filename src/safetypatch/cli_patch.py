@@ -1,4 +1,4 @@
-"""`safetypatch patch stack | scale | apply | export`: subcommands added to the `patch` group by `register`.
+"""`safetypatch patch stack | scale | merge (apply) | unmerge | export`: subcommands added to the `patch` group by `register`.
 
 Heavy imports happen inside the command functions so `--help` stays instant. Errors are PatchError (the main CLI
 prints `error: ...` and exits 2).
@@ -54,6 +54,14 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_unmerge(args: argparse.Namespace) -> int:
+    from .patch_ops import unmerge_patch
+
+    out = unmerge_patch(args.model, args.patch, args.out, overwrite=args.overwrite)
+    print(f"subtracted {args.patch} from {args.model} -> {out} (see unmerged_from.json)")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_gguf, export_peft
 
@@ -91,12 +99,21 @@ def register(patch_subparsers: Any) -> None:
     c.add_argument("--overwrite", action="store_true", help="replace an existing output")
     c.set_defaults(func=cmd_scale)
 
-    a = patch_subparsers.add_parser("apply", help="merge a patch into its base model and write the merged model")
-    a.add_argument("patch")
-    a.add_argument("--model", default="default", help="base model: hub id, local dir, .gguf file, or 'default'")
-    a.add_argument("-o", "--out", required=True, help="output model directory (safetensors + tokenizer)")
-    a.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    a.set_defaults(func=cmd_apply)
+    for name in ("merge", "apply"):
+        a = patch_subparsers.add_parser(name, help="merge a patch into its base model and write the merged model"
+                                        + (" (same as merge)" if name == "apply" else ""))
+        a.add_argument("patch")
+        a.add_argument("--model", default="default", help="base model: hub id, local dir, .gguf file, or 'default'")
+        a.add_argument("-o", "--out", required=True, help="output model directory (safetensors + tokenizer)")
+        a.add_argument("--overwrite", action="store_true", help="replace an existing output")
+        a.set_defaults(func=cmd_apply)
+
+    u = patch_subparsers.add_parser("unmerge", help="subtract a patch from a merged model: restores the base weights")
+    u.add_argument("patch")
+    u.add_argument("--model", required=True, help="the merged model directory")
+    u.add_argument("-o", "--out", required=True, help="output model directory for the restored base")
+    u.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    u.set_defaults(func=cmd_unmerge)
 
     e = patch_subparsers.add_parser("export", help="export for serving: PEFT adapter (vLLM) or GGUF LoRA (llama.cpp)")
     e.add_argument("patch")

@@ -77,4 +77,11 @@ def run_demo(out: str | Path | None = None, cfg: TrainConfig | None = None, eval
         "primary_judge": PRIMARY_JUDGE, "eval_max_new_tokens": max_new_tokens,
     }
     atomic_write_json(out / "summary.json", summary)
+    from .patch import record_evaluation
+
+    for name in ("harmful", "benign"):
+        record_evaluation(result.output_dir, {
+            "suite": f"builtin:{name}:test", "judges": list(DEFAULT_JUDGES), "n": results[name]["base"]["n"],
+            "max_new_tokens": max_new_tokens, "out": str(out),
+            "refusal": {v: {j: results[name][v][j] for j in DEFAULT_JUDGES} for v in ("base", "patched")}})
     return summary

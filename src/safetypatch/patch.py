@@ -157,6 +157,18 @@ def load_patch(model: Any, patch_dir: str | Path, verify: bool = True, is_traina
         raise PatchError(f"{p}: does not fit this model (rank or shape mismatch?): {str(e).splitlines()[0]}") from None
 
 
+def record_evaluation(patch_dir: str | Path, entry: dict[str, Any]) -> dict[str, Any]:
+    """Append an evaluation record (the patch certificate: what was run, judged how, the numbers, when) to
+    patch.json's `evaluations` list. patch.json is rewritten atomically; the weights, and so their sha256, are
+    untouched."""
+    p = Path(patch_dir)
+    meta = read_meta(p)
+    record = {"date": utc_now(), **entry}
+    meta["evaluations"] = [*meta.get("evaluations", []), record]
+    atomic_write_json(p / PATCH_META, meta)
+    return record
+
+
 def patch_info(patch_dir: str | Path) -> dict[str, Any]:
     """A summary of a patch for `safetypatch patch info`."""
     meta = read_meta(patch_dir)
@@ -169,5 +181,6 @@ def patch_info(patch_dir: str | Path) -> dict[str, Any]:
         "rank": shape.get("rank"), "alpha": shape.get("alpha"),
         "modules": shape.get("target_modules"), "layers": shape.get("layers"),
         "bytes": meta.get("weights", {}).get("bytes"), "sha256": meta.get("weights", {}).get("sha256"),
-        "training": meta.get("training", {}), "eval": meta.get("eval"),
+        "training": meta.get("training", {}), "evaluations": meta.get("evaluations", []),
+        "calibration": meta.get("calibration"),
     }

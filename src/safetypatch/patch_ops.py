@@ -335,3 +335,50 @@ def apply_patch(model_spec: str, patch_dir: str | Path, out_dir: str | Path, ove
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def unmerge_patch(merged_spec: str, patch_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Subtract a patch's exact update dW (from its factors) from a merged model and write the restored base model.
+
+    Refuses a model that `merged_from.json` says was merged with another patch. The restored weights equal the
+    base's up to float rounding (the merge added the same dW), so `unmerged_from.json` records the largest change
+    made and the base fingerprint the patch names, for comparison with `models.fingerprint` of the original.
+    """
+    import torch
+
+    from . import __version__
+    from .models import fingerprint, load_model
+
+    meta = verify_files(patch_dir)
+    merged_from = Path(merged_spec) / "merged_from.json"
+    if merged_from.exists():
+        rec = json.loads(merged_from.read_text())
+        if rec.get("patch", {}).get("sha256") != meta["weights"]["sha256"]:
+            raise PatchError(f"{merged_spec}: merged_from.json says it was merged with patch "
+                             f"{str(rec.get('patch', {}).get('sha256'))[:16]}..., not {patch_dir} "
+                             f"({meta['weights']['sha256'][:16]}...)")
+    out = Path(out_dir)
+    tmp = claim_tmp_dir(out, overwrite)
+    try:
+        model, tok = load_model(merged_spec)
+        modules = dict(model.named_modules())
+        largest = 0.0
+        with torch.no_grad():
+            for name, dw in delta_weights(patch_dir).items():
+                mod = modules.get(name)
+                if mod is None or getattr(mod, "weight", None) is None or tuple(mod.weight.shape) != tuple(dw.shape):
+                    raise PatchError(f"{merged_spec}: has no weight {name} of shape {tuple(dw.shape)} for this patch")
+                mod.weight.sub_(dw.to(mod.weight.dtype))
+                largest = max(largest, float(dw.abs().max()))
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        atomic_write_json(tmp / "unmerged_from.json", {
+            "created": utc_now(), "safetypatch_version": __version__, "merged_model": str(merged_spec),
+            "patch": {"path": str(patch_dir), "sha256": meta["weights"]["sha256"]},
+            "largest_change": largest, "base_fingerprint_in_patch": meta.get("base_model", {}).get("fingerprint"),
+            "restored_fingerprint": fingerprint(model),
+        })
+        commit_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,58 @@
+"""`safetypatch calibrate --patch P`: the strength dial (see calibrate.py). Heavy imports inside the command."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def _factors(text: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--factors expects comma-separated numbers like 0.5,1,1.5, got {text!r}") from None
+    if not vals or any(v < 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"--factors expects numbers >= 0, got {text!r}")
+    return vals
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import CalibrationConfig, calibrate
+
+    cfg = CalibrationConfig(max_over_refusal=args.max_over_refusal, dev_harmful=args.dev_harmful,
+                            dev_benign=args.dev_benign, max_new_tokens=args.max_new_tokens)
+    if args.factors:
+        cfg.factors = args.factors
+    rec = calibrate(args.patch, args.model, cfg, out_dir=args.out)
+    print("   s   harmful   benign")
+    for p in rec["curve"]:
+        mark = "  <- chosen" if p["factor"] == rec["chosen_factor"] and rec["within_budget"] else ""
+        print(f"{p['factor']:>4g}   {p['harmful_refusal']:>7.1%}   {p['benign_refusal']:>6.1%}{mark}")
+    if not rec["within_budget"]:
+        print(f"no factor keeps benign refusal within {rec['budget']:.0%} of the base model's "
+              f"({rec['base_benign_refusal']:.1%}); the patch needs retraining, not a dial")
+        return 1
+    print(f"chosen s = {rec['chosen_factor']:g} (recorded in {args.patch}/patch.json"
+          + (f"; curve in {args.out}/calibration.png" if args.out else "") + ")")
+    if args.apply:
+        from .patch_ops import scale_patch
+
+        scale_patch(args.patch, rec["chosen_factor"], args.apply)
+        print(f"wrote the scaled patch to {args.apply}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    c = sub.add_parser("calibrate", help="sweep a patch's strength on dev prompts; pick the strongest within an "
+                                         "over-refusal budget")
+    c.add_argument("--patch", required=True)
+    c.add_argument("--model", default="default", help="base model: hub id, local dir, .gguf file, or 'default'")
+    c.add_argument("--max-over-refusal", type=float, default=0.05,
+                   help="benign refusal allowed above the base model's (default 0.05)")
+    c.add_argument("--factors", type=_factors, help="scale factors to try (default 0,0.25,...,1.5)")
+    c.add_argument("--dev-harmful", default="builtin:harmful:dev")
+    c.add_argument("--dev-benign", default="builtin:benign:dev+builtin:benign_extra:dev")
+    c.add_argument("--max-new-tokens", type=int, default=24)
+    c.add_argument("--out", help="directory for calibration.json and calibration.png")
+    c.add_argument("--apply", metavar="OUT", help="also write the patch scaled by the chosen factor to OUT")
+    c.set_defaults(func=cmd_calibrate)
