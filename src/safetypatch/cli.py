@@ -153,13 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_patch_info)
 
-    from . import cli_analyze, cli_calibrate, cli_patch, interactive
+    from . import cli_analyze, cli_calibrate, cli_patch, interactive, redteam
 
     cli_patch.register(psub)
 
     cli_analyze.register(sub)
     cli_calibrate.register(sub)
     interactive.register(sub)
+    redteam.register(sub)
     return p
 
 

@@ -77,7 +77,8 @@ def save_patch(peft_model: Any, out_dir: str | Path, meta: dict[str, Any], save_
         full.setdefault("safetypatch_version", __version__)
         full["weights"] = {"file": ADAPTER_WEIGHTS, "sha256": sha256_file(weights),
                            "bytes": weights.stat().st_size, "dtype": save_dtype}
-        full["base_model"] = {**full.get("base_model", {}), "fingerprint": fingerprint(peft_model)}
+        # a caller that trained on a modified base (red-teaming: earlier patches merged in) names the true base
+        full["base_model"] = {"fingerprint": fingerprint(peft_model), **full.get("base_model", {})}
         atomic_write_json(tmp / PATCH_META, full)
         commit_dir(tmp, out)
     finally:

@@ -292,8 +292,12 @@ def prepare_model(cfg: TrainConfig, model: Any) -> Any:
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, device: str | None = None,
-          progress: bool = True, model_and_tok: tuple[Any, Any] | None = None) -> TrainResult:
-    """Train a patch (or a fully fine-tuned model) into `run_dir`; see the module docstring for the objective."""
+          progress: bool = True, model_and_tok: tuple[Any, Any] | None = None,
+          base_model_meta: dict[str, Any] | None = None) -> TrainResult:
+    """Train a patch (or a fully fine-tuned model) into `run_dir`; see the module docstring for the objective.
+
+    `base_model_meta` (spec, fingerprint, ...) replaces what patch.json records as the base model, for a patch
+    trained on top of others merged into the weights (red-teaming rounds): it still applies to the true base."""
     import torch
     from tqdm.auto import tqdm
     from transformers import get_scheduler
@@ -429,7 +433,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, device: s
         from .patch import save_patch
 
         n = num_layers(model)
-        meta = {"base_model": {"spec": cfg.model}, "recipe": to_dict(cfg),
+        meta = {"base_model": base_model_meta or {"spec": cfg.model}, "recipe": to_dict(cfg),
                 "shape": {"rank": cfg.rank, "alpha": cfg.alpha, "target_modules": list(cfg.target_modules),
                           "layers": parse_layers(cfg.layers, n)},
                 "data": data_meta, "training": stats}
