@@ -153,9 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_patch_info)
 
-    from . import cli_analyze, cli_calibrate, cli_patch, interactive, redteam
+    from . import cli_analyze, cli_calibrate, cli_patch, interactive, projection, redteam
 
     cli_patch.register(psub)
+    projection.register(psub)
 
     cli_analyze.register(sub)
     cli_calibrate.register(sub)

@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from conftest import build_tiny_model
+from safetypatch.config import PatchShape
+from safetypatch.patch import attach_new_patch, load_patch, save_patch, verify_files
+from safetypatch.patch_ops import delta_weights
+from safetypatch.projection import project_patch, project_update
+
+
+@pytest.fixture()
+def patch_dir(tiny_tok, tmp_path):
+    model = attach_new_patch(build_tiny_model(tiny_tok), PatchShape(rank=2, alpha=4.0,
+                                                                     target_modules=["up_proj", "q_proj"], layers="all"))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 1.0)
+    save_patch(model, tmp_path / "p", {"base_model": {"spec": "tiny"}, "shape": {"rank": 2}})
+    return tmp_path / "p"
+
+
+@pytest.mark.parametrize("side", ["column", "row", "both"])
+def test_projected_patch_has_no_energy_in_top_k_and_equals_dense_projection(tiny_tok, patch_dir, tmp_path, side):
+    base = build_tiny_model(tiny_tok)
+    meta = project_patch(patch_dir, base, k=3, out_dir=tmp_path / f"proj-{side}", side=side)
+    verify_files(tmp_path / f"proj-{side}")
+    before, after = delta_weights(patch_dir), delta_weights(tmp_path / f"proj-{side}")
+    weights = dict(base.named_parameters())
+    for module, dw in before.items():
+        u, _, vh = torch.linalg.svd(weights[f"{module}.weight"].detach().double(), full_matrices=False)
+        uk, vk = u[:, :3], vh[:3].T
+        want = project_update(dw.double(), uk, vk, side)
+        torch.testing.assert_close(after[module].double(), want, rtol=1e-4, atol=1e-5)
+        if side in ("column", "both"):
+            assert (uk.T @ after[module].double()).abs().max() < 1e-5
+        if side in ("row", "both"):
+            assert (after[module].double() @ vk).abs().max() < 1e-5
+    assert 0 < meta["derived_from"]["retained_energy"] < 1
+    assert meta["shape"]["rank"] == 2
+
+
+def test_projected_patch_loads_in_plain_peft(tiny_tok, patch_dir, tmp_path):
+    from peft import PeftModel
+
+    project_patch(patch_dir, build_tiny_model(tiny_tok), k=2, out_dir=tmp_path / "proj")
+    PeftModel.from_pretrained(build_tiny_model(tiny_tok), str(tmp_path / "proj"))
+    load_patch(build_tiny_model(tiny_tok), tmp_path / "proj")  # and passes safetypatch's checks
+
+
+def test_planted_update_inside_top_k_is_removed(tiny_tok, tmp_path):
+    base = build_tiny_model(tiny_tok)
+    model = attach_new_patch(build_tiny_model(tiny_tok), PatchShape(rank=1, alpha=1.0, target_modules=["up_proj"],
+                                                                     layers="0"))
+    name = "model.layers.0.mlp.up_proj"
+    u, _, vh = torch.linalg.svd(dict(base.named_parameters())[f"{name}.weight"].detach(), full_matrices=False)
+    mod = dict(model.named_modules())["base_model.model." + name]
+    with torch.no_grad():  # dW = u1 v1^T: entirely inside the top-1 subspace on both sides
+        mod.lora_A["default"].weight.copy_(vh[:1])
+        mod.lora_B["default"].weight.copy_(u[:, :1])
+    save_patch(model, tmp_path / "planted", {"base_model": {"spec": "tiny"}})
+    meta = project_patch(tmp_path / "planted", base, k=1, out_dir=tmp_path / "out")
+    assert meta["derived_from"]["retained_energy"] < 1e-8
