@@ -94,6 +94,12 @@ class TrainConfig(PatchShape):
     dev_benign: str = field(default="builtin:benign:dev", metadata={"help": "benign prompts for early stopping"})
     dev_size: int = field(default=60, metadata={"help": "dev prompts per side used for early stopping"})
     dev_tokens: int = field(default=24, metadata={"help": "tokens generated per dev prompt for early stopping"})
+    overlap_beta: float = field(default=0.0, metadata={"help": "weight of the overlap regularizer "
+                                                         "(penalty on dW inside W0's top-k subspace); 0: off"})
+    overlap_k: int = field(default=16, metadata={"help": "top-k singular subspace the overlap regularizer protects"})
+    overlap_side: str = field(default="both", metadata={"help": "overlap regularizer side: column, row or both"})
+    overlap_variant: str = field(default="normalized", metadata={"help": "overlap regularizer weighting: "
+                                                                 "'uniform' (no S_k) or 'normalized' (S_k / s_1)"})
     dev_penalty: float = field(default=3.0, metadata={"help": "early-stopping score: harmful refusal minus this "
                                                        "times the benign over-refusal beyond the tolerance"})
     dev_tolerance: float = field(default=0.02, metadata={"help": "benign refusal above the base model's that the "
@@ -111,6 +117,8 @@ class TrainConfig(PatchShape):
             "schedule": ("cosine", "linear", "constant"),
             "bf16": ("auto", "yes", "no"),
             "save_dtype": ("float32", "float16", "bfloat16"),
+            "overlap_side": ("column", "row", "both"),
+            "overlap_variant": ("uniform", "normalized"),
             "init": ("default", "contrast", "lda"),
         }
         for name, allowed in choices.items():
@@ -121,6 +129,10 @@ class TrainConfig(PatchShape):
                 raise ConfigError(f"{where}: field '{name}' must be > 0, got {getattr(self, name)}")
         if not 0.0 <= self.mix_ratio < 1.0:
             raise ConfigError(f"{where}: field 'mix_ratio' must be in [0, 1), got {self.mix_ratio}")
+        if self.overlap_beta < 0 or self.overlap_k < 1:
+            raise ConfigError(f"{where}: fields 'overlap_beta' must be >= 0 and 'overlap_k' >= 1")
+        if self.overlap_beta > 0 and self.method != "lora":
+            raise ConfigError(f"{where}: the overlap regularizer ('overlap_beta') applies to method 'lora' only")
         if self.mix_ratio > 0 and not self.mix:
             raise ConfigError(f"{where}: field 'mix_ratio' is {self.mix_ratio} but no 'mix' file is given")
 

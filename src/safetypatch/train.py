@@ -332,6 +332,11 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, device: s
         for n, p in model.named_parameters():
             if "lora_A" in n:
                 p.requires_grad_(False)
+    overlap = None
+    if cfg.overlap_beta > 0:
+        from .geometry_reg import OverlapPenalty
+
+        overlap = OverlapPenalty(model, cfg.overlap_k, cfg.overlap_side, cfg.overlap_variant)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
@@ -393,6 +398,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, device: s
                 batch = {n: v.to(device) for n, v in collate(examples, idx, pad_id).items()}
                 with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
                     loss, parts = compute_loss(model, batch, cfg)
+                if overlap is not None:
+                    penalty = overlap()
+                    loss = loss + cfg.overlap_beta * penalty
+                    parts["overlap"] = float(penalty.detach())
                 (loss / len(group)).backward()
                 loss_sum += float(loss.detach()) / len(group)
                 for kk, vv in parts.items():

@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from conftest import build_tiny_model
+from safetypatch.config import PatchShape, TrainConfig
+from safetypatch.geometry_reg import OverlapPenalty
+from safetypatch.patch import attach_new_patch
+from test_train import _cfg
+
+
+def _patched(tok, seed=0):
+    model = attach_new_patch(build_tiny_model(tok), PatchShape(rank=2, alpha=4.0, target_modules=["up_proj", "o_proj"],
+                                                               layers="all"))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 1.0)
+    return model
+
+
+@pytest.mark.parametrize("side", ["column", "row", "both"])
+@pytest.mark.parametrize("variant", ["uniform", "normalized"])
+def test_penalty_equals_dense_computation(tiny_tok, side, variant):
+    from peft.tuners.lora import LoraLayer
+
+    model = _patched(tiny_tok)
+    got = OverlapPenalty(model, k=3, side=side, variant=variant)()
+    want = 0.0
+    for name, mod in model.named_modules():
+        if not isinstance(mod, LoraLayer):
+            continue
+        w0 = mod.get_base_layer().weight.detach().double()
+        u, s, vh = torch.linalg.svd(w0, full_matrices=False)
+        w = torch.ones(3, dtype=torch.float64) if variant == "uniform" else s[:3] / s[0]
+        dw = mod.scaling["default"] * (mod.lora_B["default"].weight.double() @ mod.lora_A["default"].weight.double())
+        if side in ("column", "both"):
+            want += float((torch.diag(w) @ u[:, :3].T @ dw).pow(2).sum())
+        if side in ("row", "both"):
+            want += float((dw @ vh[:3].T @ torch.diag(w)).pow(2).sum())
+    assert float(got) == pytest.approx(want, rel=1e-4)
+
+
+def test_planted_inside_is_large_and_orthogonal_is_zero(tiny_tok):
+    model = _patched(tiny_tok)
+    from peft.tuners.lora import LoraLayer
+
+    mods = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    with torch.no_grad():
+        for m in mods:  # dW = u_1 v_1^T, fully inside the top-1 subspace on both sides
+            u, _, vh = torch.linalg.svd(m.get_base_layer().weight.detach(), full_matrices=False)
+            m.lora_A["default"].weight.zero_()
+            m.lora_B["default"].weight.zero_()
+            m.lora_A["default"].weight[0].copy_(vh[0])
+            m.lora_B["default"].weight[:, 0].copy_(u[:, 0])
+    inside = float(OverlapPenalty(model, k=1, variant="uniform")())
+    with torch.no_grad():
+        for m in mods:  # now dW = u_last v_last^T: orthogonal to the top-4
+            u, _, vh = torch.linalg.svd(m.get_base_layer().weight.detach(), full_matrices=False)
+            m.lora_A["default"].weight[0].copy_(vh[-1])
+            m.lora_B["default"].weight[:, 0].copy_(u[:, -1])
+    outside = float(OverlapPenalty(model, k=4, variant="uniform")())
+    assert inside > 1.0 and outside < 1e-8
+
+
+def test_training_with_the_regularizer_lowers_the_overlap(tiny_model_dir, harmful_file, benign_file, tmp_path):
+    from safetypatch.geometry import lora_updates
+    from safetypatch.models import load_model
+    from safetypatch.train import train
+
+    def overlap(patch):
+        base, _ = load_model(str(tiny_model_dir))
+        total = 0.0
+        for (layer, module), dw in lora_updates(patch).items():
+            w0 = dict(base.named_parameters())[f"model.layers.{layer}.{module}.weight"].detach().double()
+            u, _, _ = torch.linalg.svd(w0, full_matrices=False)
+            total += float((u[:, :4].T @ dw).pow(2).sum() / dw.pow(2).sum())
+        return total
+
+    common = dict(init="default", freeze_a=False, epochs=3, overlap_k=4, overlap_side="column")
+    plain = train(_cfg(tiny_model_dir, harmful_file, benign_file, **common), tmp_path / "plain", progress=False)
+    reg = train(_cfg(tiny_model_dir, harmful_file, benign_file, overlap_beta=50.0, **common), tmp_path / "reg",
+                progress=False)
+    assert overlap(reg.output_dir) < 0.5 * overlap(plain.output_dir)
+    log = (tmp_path / "reg" / "train_log.jsonl").read_text()
+    assert '"overlap"' in log
+
+
+def test_config_validation():
+    from safetypatch.config import ConfigError
+
+    with pytest.raises(ConfigError, match="overlap_side"):
+        TrainConfig(overlap_side="diagonal").validate()
+    with pytest.raises(ConfigError, match="lora"):
+        TrainConfig(method="full", overlap_beta=1.0).validate()
