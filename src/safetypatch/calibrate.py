@@ -28,6 +28,16 @@ class CalibrationConfig:
     max_new_tokens: int = field(default=24, metadata={"help": "tokens generated per prompt"})
     batch_size: int = field(default=16, metadata={"help": "generation batch size"})
 
+    def validate(self) -> None:
+        from .config import ConfigError
+
+        if not 0 <= self.max_over_refusal <= 1:
+            raise ConfigError(f"max_over_refusal must be between 0 and 1, got {self.max_over_refusal}")
+        if not any(f > 0 for f in self.factors) or any(f < 0 for f in self.factors):
+            raise ConfigError(f"factors must be >= 0 with at least one > 0, got {list(self.factors)}")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ConfigError("max_new_tokens and batch_size must be >= 1")
+
 
 def choose_factor(curve: list[dict[str, float]], budget: float) -> dict[str, Any]:
     """The point of `curve` (dicts with factor, harmful_refusal, benign_refusal; factor 0 = base) to use."""
@@ -50,17 +60,30 @@ def set_scale(model: Any, factor: float, base_scaling: dict[str, dict[str, float
                 mod.scaling[adapter] = value * factor
 
 
-def sweep(model: Any, tok: Any, cfg: CalibrationConfig, progress: bool = True) -> list[dict[str, float]]:
-    """Refusal rates at each factor for a PeftModel with the patch attached (its scaling is restored after)."""
+def dev_prompts(cfg: CalibrationConfig) -> tuple[list[Any], list[Any]]:
+    """The harmful and benign dev prompts; DataError when either is empty."""
+    from .data.builtin import resolve_prompts
+    from .data.readers import DataError
+
+    harmful = resolve_prompts(cfg.dev_harmful, default_split="dev", response_field=None)
+    benign = resolve_prompts(cfg.dev_benign, default_split="dev", response_field=None)
+    for spec, rows in ((cfg.dev_harmful, harmful), (cfg.dev_benign, benign)):
+        if not rows:
+            raise DataError(f"{spec}: no prompts")
+    return harmful, benign
+
+
+def sweep(model: Any, tok: Any, cfg: CalibrationConfig, progress: bool = True,
+          prompts: tuple[list[Any], list[Any]] | None = None) -> list[dict[str, float]]:
+    """Refusal rates at each factor for a PeftModel with the patch attached (its scaling is restored after);
+    `prompts` = (harmful, benign) records, default `dev_prompts(cfg)`."""
     import torch
     from peft.tuners.lora import LoraLayer
     from tqdm.auto import tqdm
 
-    from .data.builtin import resolve_prompts
     from .train import refusal_rates
 
-    harmful = resolve_prompts(cfg.dev_harmful, default_split="dev")
-    benign = resolve_prompts(cfg.dev_benign, default_split="dev")
+    harmful, benign = prompts or dev_prompts(cfg)
     base_scaling = {n: dict(m.scaling) for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     device = next(model.parameters()).device.type
     bf16 = _bf16_ok(device)
@@ -110,30 +133,47 @@ def plot_curve(curve: list[dict[str, float]], chosen: dict[str, Any], budget: fl
 
 def calibrate(patch_dir: str | Path, model_spec: str = "default", cfg: CalibrationConfig | None = None,
               out_dir: str | Path | None = None, progress: bool = True,
-              model_and_tok: tuple[Any, Any] | None = None) -> dict[str, Any]:
+              model_and_tok: tuple[Any, Any] | None = None, apply_to: str | Path | None = None,
+              overwrite: bool = False) -> dict[str, Any]:
     """Sweep, choose, and record the result under `calibration` in the patch's patch.json (weights untouched);
-    with `out_dir`, also write calibration.json and calibration.png there."""
-    from .config import ConfigError
+    with `out_dir`, also write calibration.json and calibration.png there; with `apply_to`, also write the patch
+    scaled by the chosen factor there (only when a factor is within budget). Outputs that exist are refused
+    before any generation unless `overwrite`."""
+    from .io_utils import OutputExistsError
     from .models import load_model
-    from .patch import PATCH_META, load_patch, read_meta
+    from .patch import PATCH_META, load_patch, read_meta, verify_files
+    from .patch_ops import scale_patch
 
     cfg = cfg or CalibrationConfig()
-    if cfg.max_over_refusal < 0:
-        raise ConfigError(f"max_over_refusal must be >= 0, got {cfg.max_over_refusal}")
+    cfg.validate()
+    verify_files(patch_dir)  # a missing or damaged patch fails before the model is loaded
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and not overwrite:
+        taken = [f.name for f in (out / "calibration.json", out / "calibration.png") if f.exists()]
+        if taken:
+            raise OutputExistsError(f"{out} already holds {', '.join(taken)}; choose another --out or pass --overwrite")
+    if apply_to is not None and Path(apply_to).exists() and not overwrite:
+        raise OutputExistsError(f"{apply_to} already exists; choose another output for the scaled patch or pass "
+                                "--overwrite")
+    harmful, benign = dev_prompts(cfg)
     model, tok = model_and_tok or load_model(model_spec)
     peft_model = load_patch(model, patch_dir)
-    curve = sweep(peft_model, tok, cfg, progress=progress)
+    curve = sweep(peft_model, tok, cfg, progress=progress, prompts=(harmful, benign))
+    peft_model.unload()  # leave a caller's model as it came
     chosen = choose_factor(curve, cfg.max_over_refusal)
     record = {"date": utc_now(), "chosen_factor": chosen["factor"], "within_budget": chosen["within_budget"],
               "budget": cfg.max_over_refusal, "base_benign_refusal": chosen["base_benign_refusal"],
-              "curve": curve, "config": {**asdict(cfg), "factors": list(cfg.factors)}}
+              "curve": curve, "dev": {"harmful": cfg.dev_harmful, "n_harmful": len(harmful),
+                                      "benign": cfg.dev_benign, "n_benign": len(benign)},
+              "config": {**asdict(cfg), "factors": list(cfg.factors)}}
+    if apply_to is not None and chosen["within_budget"]:
+        scale_patch(patch_dir, chosen["factor"], apply_to, overwrite=overwrite)
+        record["applied_to"] = str(apply_to)
     meta = read_meta(patch_dir)
     meta["calibration"] = record
     atomic_write_json(Path(patch_dir) / PATCH_META, meta)
-    if out_dir is not None:
-        out = Path(out_dir)
+    if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "calibration.json", record)
+        atomic_write_json(out / "calibration.json", {"patch": str(patch_dir), **record})
         plot_curve(curve, chosen, cfg.max_over_refusal, out / "calibration.png")
-    peft_model.unload()  # leave a caller's model as it came
     return record

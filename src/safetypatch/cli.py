@@ -97,7 +97,7 @@ def cmd_patch_info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2, default=str))
         return 0
     for k, v in info.items():
-        if k == "evaluations":
+        if k in ("evaluations", "calibration"):
             continue
         if k == "training" and isinstance(v, dict):
             v = ", ".join(f"{a}={b}" for a, b in v.items() if not isinstance(b, dict))
@@ -108,6 +108,16 @@ def cmd_patch_info(args: argparse.Namespace) -> int:
         rates = "; ".join(f"{name}: " + ", ".join(f"{j} {v:.1%}" for j, v in by_judge.items())
                           for name, by_judge in e.get("refusal", {}).items())
         print(f"{'':>17}  {e.get('date', '?')}  {e.get('suite', '?')}  n={e.get('n', '?')}  {rates}")
+    cal = info.get("calibration")
+    if cal:
+        budget = f"base benign {cal['base_benign_refusal']:.1%} + budget {cal['budget']:.0%}"
+        if cal["within_budget"]:
+            at = next(p for p in cal["curve"] if p["factor"] == cal["chosen_factor"])
+            line = (f"s = {cal['chosen_factor']:g}: harmful {at['harmful_refusal']:.1%}, benign "
+                    f"{at['benign_refusal']:.1%} ({budget})")
+        else:
+            line = f"no factor within {budget}"
+        print(f"{'calibration':>17}: {line}  {cal['date']}")
     return 0
 
 

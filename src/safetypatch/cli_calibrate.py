@@ -23,22 +23,21 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                             dev_benign=args.dev_benign, max_new_tokens=args.max_new_tokens)
     if args.factors:
         cfg.factors = args.factors
-    rec = calibrate(args.patch, args.model, cfg, out_dir=args.out)
+    apply_to = args.apply_out or (f"{str(args.patch).rstrip('/')}-calibrated" if args.apply else None)
+    rec = calibrate(args.patch, args.model, cfg, out_dir=args.out, apply_to=apply_to, overwrite=args.overwrite)
     print("   s   harmful   benign")
     for p in rec["curve"]:
         mark = "  <- chosen" if p["factor"] == rec["chosen_factor"] and rec["within_budget"] else ""
         print(f"{p['factor']:>4g}   {p['harmful_refusal']:>7.1%}   {p['benign_refusal']:>6.1%}{mark}")
     if not rec["within_budget"]:
         print(f"no factor keeps benign refusal within {rec['budget']:.0%} of the base model's "
-              f"({rec['base_benign_refusal']:.1%}); the patch needs retraining, not a dial")
+              f"({rec['base_benign_refusal']:.1%}); the patch needs retraining, not a dial"
+              + ("; no scaled patch written" if apply_to else ""))
         return 1
     print(f"chosen s = {rec['chosen_factor']:g} (recorded in {args.patch}/patch.json"
           + (f"; curve in {args.out}/calibration.png" if args.out else "") + ")")
-    if args.apply:
-        from .patch_ops import scale_patch
-
-        scale_patch(args.patch, rec["chosen_factor"], args.apply)
-        print(f"wrote the scaled patch to {args.apply}")
+    if apply_to:
+        print(f"wrote the patch scaled by {rec['chosen_factor']:g} to {apply_to}")
     return 0
 
 
@@ -54,5 +53,8 @@ def register(sub: Any) -> None:
     c.add_argument("--dev-benign", default="builtin:benign:dev+builtin:benign_extra:dev")
     c.add_argument("--max-new-tokens", type=int, default=24)
     c.add_argument("--out", help="directory for calibration.json and calibration.png")
-    c.add_argument("--apply", metavar="OUT", help="also write the patch scaled by the chosen factor to OUT")
+    c.add_argument("--apply", action="store_true",
+                   help="also write the patch scaled by the chosen factor, to PATCH-calibrated (or -o)")
+    c.add_argument("-o", "--apply-out", metavar="DIR", help="where --apply writes the scaled patch (implies --apply)")
+    c.add_argument("--overwrite", action="store_true", help="replace existing calibration outputs")
     c.set_defaults(func=cmd_calibrate)

@@ -7,6 +7,7 @@ prints `error: ...` and exits 2).
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from .patch_ops import apply_patch
 
     out = apply_patch(args.model, args.patch, args.out, overwrite=args.overwrite)
-    print(f"merged {args.patch} into {args.model} -> {out} (load it with from_pretrained; see merged_from.json)")
+    print(f"merged {args.patch} into {args.model} -> {out} (load it with from_pretrained; see merged_from.json; "
+          "`patch unmerge` restores the base exactly)")
     return 0
 
 
@@ -58,7 +60,11 @@ def cmd_unmerge(args: argparse.Namespace) -> int:
     from .patch_ops import unmerge_patch
 
     out = unmerge_patch(args.model, args.patch, args.out, overwrite=args.overwrite)
-    print(f"subtracted {args.patch} from {args.model} -> {out} (see unmerged_from.json)")
+    info = json.loads((out / "unmerged_from.json").read_text())
+    how = "bit-exact" if info["exact"] else "up to float rounding (no correction file from `patch merge`)"
+    match = "matches" if info["fingerprint_matches_patch_base"] else "does NOT match"
+    print(f"subtracted {args.patch} from {args.model} -> {out}: restored {how}; its fingerprint {match} the base "
+          "the patch was made for (see unmerged_from.json)")
     return 0
 
 

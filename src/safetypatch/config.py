@@ -68,10 +68,10 @@ class TrainConfig(PatchShape):
         metadata={"help": "benign anchor prompts answered by the base model itself ('builtin', a file, or 'none')"},
     )
     benign_loss: str = field(default="ce", metadata={"help": "anchor objective: 'ce' (self-distillation) or 'kl'"})
-    benign_weight: float = field(default=4.0, metadata={"help": "weight of the anchor loss"})
-    decision_tokens: int = field(default=0, metadata={"help": "first N response tokens get extra weight "
+    benign_weight: float = field(default=6.0, metadata={"help": "weight of the anchor loss"})
+    decision_tokens: int = field(default=4, metadata={"help": "first N response tokens get extra weight "
                                                                   "(where refuse-or-answer is decided); 0: off"})
-    decision_weight: float = field(default=1.0, metadata={"help": "loss weight of those first response tokens"})
+    decision_weight: float = field(default=4.0, metadata={"help": "loss weight of those first response tokens"})
     anchor_tokens: int = field(default=48, metadata={"help": "max tokens of the base model's answer used as anchor"})
     init: str = field(default="lda", metadata={"help": "LoRA A init: 'default' (PEFT's), 'contrast' "
                                                              "(harmful-minus-benign input direction) or 'lda' "
@@ -91,8 +91,8 @@ class TrainConfig(PatchShape):
     eval_every: int = field(default=10, metadata={"help": "steps between dev checks for early stopping (0: per epoch)"})
     patience: int = field(default=0, metadata={"help": "dev checks without improvement before stopping (0: never)"})
     dev_harmful: str = field(default="builtin:harmful:dev", metadata={"help": "harmful prompts for early stopping"})
-    dev_benign: str = field(default="builtin:benign:dev", metadata={"help": "benign prompts for early stopping"})
-    dev_size: int = field(default=60, metadata={"help": "dev prompts per side used for early stopping"})
+    dev_benign: str = field(default="builtin:benign:dev+builtin:benign_extra:dev", metadata={"help": "benign prompts for early stopping"})
+    dev_size: int = field(default=100, metadata={"help": "dev prompts per side used for early stopping"})
     dev_tokens: int = field(default=24, metadata={"help": "tokens generated per dev prompt for early stopping"})
     overlap_beta: float = field(default=0.0, metadata={"help": "weight of the overlap regularizer "
                                                          "(penalty on dW inside W0's top-k subspace); 0: off"})
@@ -100,9 +100,9 @@ class TrainConfig(PatchShape):
     overlap_side: str = field(default="both", metadata={"help": "overlap regularizer side: column, row or both"})
     overlap_variant: str = field(default="normalized", metadata={"help": "overlap regularizer weighting: "
                                                                  "'uniform' (no S_k) or 'normalized' (S_k / s_1)"})
-    dev_penalty: float = field(default=3.0, metadata={"help": "early-stopping score: harmful refusal minus this "
+    dev_penalty: float = field(default=10.0, metadata={"help": "early-stopping score: harmful refusal minus this "
                                                        "times the benign over-refusal beyond the tolerance"})
-    dev_tolerance: float = field(default=0.02, metadata={"help": "benign refusal above the base model's that the "
+    dev_tolerance: float = field(default=0.0, metadata={"help": "benign refusal above the base model's that the "
                                                          "early-stopping score forgives"})
     bf16: str = field(default="auto", metadata={"help": "bf16 autocast: 'auto' (when the CPU/GPU supports it), 'yes', 'no'"})
     response_only_logits: bool = field(default=True, metadata={"help": "apply lm_head to response tokens only"})

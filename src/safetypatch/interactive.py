@@ -66,8 +66,10 @@ def _prompts(stream: TextIO) -> Iterable[str]:
 
 def run_chat(model_spec: str, patch: str | None, max_new_tokens: int) -> int:
     from .models import load_model
-    from .patch import load_patch
+    from .patch import load_patch, verify_files
 
+    if patch:
+        verify_files(patch)  # a missing or damaged patch fails before the model is loaded
     model, tok = load_model(model_spec)
     if patch:
         model = load_patch(model, patch)

@@ -170,6 +170,9 @@ def record_evaluation(patch_dir: str | Path, entry: dict[str, Any]) -> dict[str,
     return record
 
 
+record_certificate = record_evaluation  # the name issue #5 uses
+
+
 def patch_info(patch_dir: str | Path) -> dict[str, Any]:
     """A summary of a patch for `safetypatch patch info`."""
     meta = read_meta(patch_dir)

@@ -8,9 +8,11 @@ Round r:
 3. each failure becomes a refusal example (the pool record's own response, else one of the built-in refusals);
 4. a new patch is trained on them with the current stack merged into the weights (so earlier patches are frozen)
    and benign anchors answered by that model, and recorded as a patch for the true base model;
-5. the stack grows by the new patch, and is evaluated on the held-out half of the pool (plain, and worst case over
-   attacks) and on benign dev prompts (over-refusal).
-Every round's directory keeps its failures, patch, stack and numbers (`round.json`); a rerun skips finished rounds.
+5. the stack grows by the new patch, and is evaluated on the held-out third of the pool (plain, and worst case
+   over attacks), on benign dev prompts (over-refusal), and by the KL drift from the base model along its own
+   answers to those benign prompts (a cheap utility measure).
+Every round's directory keeps its failures, patch, stack and numbers (`round.json`); `plan.json` records what the
+run depends on, so a rerun of the same command skips finished rounds and a different one is refused.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def split_pool(pool: list[Record], every: int) -> tuple[list[Record], list[Recor
 
 
 def judge_attacks(model: Any, tok: Any, prompts: list[Record], attacks: tuple[str, ...], max_new_tokens: int,
-                  desc: str = "red-teaming") -> list[dict[str, Any]]:
+                  desc: str = "red-teaming", progress: bool = True) -> list[dict[str, Any]]:
     """One row per (prompt, attack): the wrapped prompt, the answer, and whether it refused."""
     import torch
 
@@ -64,7 +66,7 @@ def judge_attacks(model: Any, tok: Any, prompts: list[Record], attacks: tuple[st
     with torch.autocast(device_type=next(model.parameters()).device.type, dtype=torch.bfloat16,
                         enabled=_bf16(model)):
         gens = generate(model, tok, [w for _, _, w in items], GenerationConfig(max_new_tokens=max_new_tokens),
-                        desc=desc)
+                        desc=desc, progress=progress)
     return [{"prompt": r.prompt, "attack": a, "wrapped": w, "response": g.text, "refused": keyword_refusal(g.text),
              "reference": r.response} for (r, a, w), g in zip(items, gens)]
 
@@ -98,14 +100,60 @@ def refusal_examples(failures: list[dict[str, Any]]) -> list[dict[str, str]]:
             for i, f in enumerate(failures)]
 
 
-def rates(model: Any, tok: Any, held: list[Record], benign: list[Record], cfg: RedteamConfig) -> dict[str, Any]:
-    """Held-out harmful refusal per attack and worst case per prompt, and benign refusal."""
-    rows = judge_attacks(model, tok, held, cfg.attacks, cfg.max_new_tokens, desc="evaluating")
+def base_answers(model: Any, tok: Any, prompts: list[Record], max_new_tokens: int, cache: Path) -> list[list[int]]:
+    """The base model's greedy answer tokens to `prompts` (adapter disabled), cached in `cache` for later rounds."""
+    from .data.readers import write_jsonl_atomic
+    from .generation import generate
+
+    if cache.exists():
+        rows = [json.loads(line) for line in cache.read_text().splitlines() if line.strip()]
+        if [r["prompt"] for r in rows] == [p.prompt for p in prompts]:
+            return [r["token_ids"] for r in rows]
+    with model.disable_adapter():
+        gens = generate(model, tok, [p.chat() for p in prompts], GenerationConfig(max_new_tokens=max_new_tokens),
+                        desc="base answers", progress=False)
+    write_jsonl_atomic(cache, [{"prompt": p.prompt, "token_ids": g.token_ids} for p, g in zip(prompts, gens)])
+    return [g.token_ids for g in gens]
+
+
+def benign_kl(model: Any, tok: Any, prompts: list[Record], answers: list[list[int]], batch_size: int = 16) -> float:
+    """Mean KL(base || patched) of the next-token distributions along the base model's own answers to benign
+    prompts (teacher-forced, adapter off then on): a cheap utility-drift measure, 0 when the patch changes nothing
+    there. Reuses the training code's tokenization (`encode_example`, `collate`) and `response_logits`."""
+    import torch
+    import torch.nn.functional as F
+
+    from .data.chat import encode_example
+    from .train import collate, response_logits
+
+    examples = [encode_example(tok, p.chat(), ids, max_length=1024, kind="anchor", close_turn=False)
+                for p, ids in zip(prompts, answers) if ids]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            batch = collate(examples, list(range(i, min(i + batch_size, len(examples)))), tok.pad_token_id)
+            with model.disable_adapter():
+                base, _, _ = response_logits(model, batch, response_only=True)
+            patched, _, _ = response_logits(model, batch, response_only=True)
+            logq, logp = F.log_softmax(base, -1), F.log_softmax(patched, -1)
+            total += float((logq.exp() * (logq - logp)).sum())
+            count += base.shape[0]
+    return total / max(1, count)
+
+
+def rates(model: Any, tok: Any, held: list[Record], benign: list[Record], cfg: RedteamConfig,
+          answers: list[list[int]] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Held-out harmful refusal per attack and worst case per prompt, benign refusal, and (given the base model's
+    benign answers) the KL drift on them."""
+    rows = judge_attacks(model, tok, held, cfg.attacks, cfg.max_new_tokens, desc="evaluating", progress=progress)
     per_attack = {a: sum(r["refused"] for r in rows if r["attack"] == a) / max(1, len(held)) for a in cfg.attacks}
     worst = sum(all(r["refused"] for r in rows if r["prompt"] == p.prompt) for p in held) / max(1, len(held))
-    ben = judge_attacks(model, tok, benign, ("none",), cfg.max_new_tokens, desc="benign check")
-    return {"harmful_plain": per_attack.get("none"), "harmful_worst_case": worst, "per_attack": per_attack,
-            "benign_refusal": sum(r["refused"] for r in ben) / max(1, len(ben))}
+    ben = judge_attacks(model, tok, benign, ("none",), cfg.max_new_tokens, desc="benign check", progress=progress)
+    out = {"harmful_plain": per_attack.get("none"), "harmful_worst_case": worst, "per_attack": per_attack,
+           "benign_refusal": sum(r["refused"] for r in ben) / max(1, len(ben))}
+    if answers is not None:
+        out["benign_kl"] = round(benign_kl(model, tok, benign, answers), 6)
+    return out
 
 
 def _attach(stack: Path, factory: Any) -> tuple[Any, Any]:
@@ -116,12 +164,42 @@ def _attach(stack: Path, factory: Any) -> tuple[Any, Any]:
     return load_patch(model, stack), tok
 
 
+def _plan(patch_meta: dict[str, Any], pool: list[Record], cfg: RedteamConfig, model_spec: str) -> dict[str, Any]:
+    """What a run directory's rounds depend on (all but the number of rounds, which a rerun may raise)."""
+    from .io_utils import sha256_text
+
+    return {"patch_sha256": patch_meta["weights"]["sha256"], "model": model_spec,
+            "pool_sha256": sha256_text(*(f"{r.prompt}\0{r.response or ''}" for r in pool)), "pool_size": len(pool),
+            "attacks": list(cfg.attacks), "per_round": cfg.per_round, "holdout_every": cfg.holdout_every,
+            "benign_dev": cfg.benign_dev, "max_new_tokens": cfg.max_new_tokens, "train": cfg.train}
+
+
+def _claim_run(out: Path, plan: dict[str, Any]) -> None:
+    """A new run directory, or the same run resumed; a different plan in an existing directory is an error."""
+    from .config import ConfigError
+
+    out.mkdir(parents=True, exist_ok=True)
+    plan_file = out / "plan.json"
+    if plan_file.exists():
+        old = json.loads(plan_file.read_text())
+        diff = sorted(k for k in set(old) | set(plan) if old.get(k) != json.loads(json.dumps(plan.get(k))))
+        if diff:
+            raise ConfigError(f"{out} holds red-teaming rounds of another run (differs in {', '.join(diff)}); "
+                              "choose another --out")
+    elif any(out.iterdir()):
+        raise ConfigError(f"{out} is not empty and holds no red-teaming plan.json; choose another --out")
+    else:
+        atomic_write_json(plan_file, plan)
+
+
 def run_redteam(patch: str | Path, pool: list[Record], out_dir: str | Path, model_spec: str = "default",
                 cfg: RedteamConfig | None = None, model_factory: Any = None, progress: bool = True) -> list[dict]:
     """Run `cfg.rounds` rounds starting from `patch`; returns one row per round (round 0 = the starting patch).
 
-    `model_factory()` -> (model, tok) gives a fresh base model (default: load `model_spec`)."""
+    `model_factory()` -> (model, tok) gives a fresh base model (default: load `model_spec`). Rerunning with the
+    same arguments resumes (finished rounds are read back, an interrupted round's training restarts)."""
     from .config import ConfigError, from_dict
+    from .data.builtin import resolve_prompts
     from .data.readers import write_jsonl_atomic
     from .models import load_model
     from .patch import read_meta, verify_files
@@ -129,17 +207,24 @@ def run_redteam(patch: str | Path, pool: list[Record], out_dir: str | Path, mode
     from .train import train
 
     cfg = cfg or RedteamConfig()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    factory = model_factory or (lambda: load_model(model_spec))
-    meta0 = verify_files(patch)
+    from .evals.attacks import ATTACKS
+
+    unknown = [a for a in cfg.attacks if a not in ATTACKS]
+    if unknown or "none" not in cfg.attacks:
+        raise ConfigError(f"attacks must include 'none' (the plain prompts) and name known attacks; unknown: "
+                          f"{unknown}; available: {sorted(ATTACKS)}")
+    if cfg.rounds < 0 or cfg.per_round < 1 or cfg.holdout_every < 2:
+        raise ConfigError("rounds must be >= 0, per_round >= 1 and holdout_every >= 2")
+    meta0 = verify_files(patch)  # a missing or damaged patch fails before any model is loaded
     work, held = split_pool(pool, cfg.holdout_every)
     if not work or not held:
         raise ConfigError(f"the pool has {len(pool)} prompts: too few to split into red-team and held-out halves")
-    from .data.builtin import resolve_prompts
-
-    benign = resolve_prompts(cfg.benign_dev, default_split="dev")
+    benign = resolve_prompts(cfg.benign_dev, default_split="dev", response_field=None)
+    out = Path(out_dir)
+    _claim_run(out, _plan(meta0, pool, cfg, model_spec))
+    factory = model_factory or (lambda: load_model(model_spec))
     parts = [Path(patch)]
+    current = Path(patch)  # the stack the next round starts from
     table: list[dict[str, Any]] = []
     for r in range(cfg.rounds + 1):
         rdir = out / f"round-{r}"
@@ -148,14 +233,16 @@ def run_redteam(patch: str | Path, pool: list[Record], out_dir: str | Path, mode
             row = json.loads(done.read_text())
             table.append(row)
             parts = [Path(p) for p in row["parts"]]
+            current = Path(row.get("stack", current))
+            if row.get("failures_found") == 0:
+                break
             continue
         rdir.mkdir(parents=True, exist_ok=True)
         stack = Path(patch) if r == 0 else rdir / "stack"
         n_fail = None
         if r > 0:
-            prev = out / f"round-{r - 1}"
-            model, tok = _attach(prev_stack(prev, patch), factory)
-            rows = judge_attacks(model, tok, work, cfg.attacks, cfg.max_new_tokens)
+            model, tok = _attach(current, factory)
+            rows = judge_attacks(model, tok, work, cfg.attacks, cfg.max_new_tokens, progress=progress)
             failures = pick_failures(rows, cfg.per_round)
             n_fail = sum(not x["refused"] for x in rows)
             write_jsonl_atomic(rdir / "failures.jsonl", failures)
@@ -167,49 +254,50 @@ def run_redteam(patch: str | Path, pool: list[Record], out_dir: str | Path, mode
                 break
             write_jsonl_atomic(rdir / "train.jsonl", refusal_examples(failures))
             merged = model.merge_and_unload()  # earlier patches frozen into the weights
-            tcfg = from_dict(TrainConfig, {**cfg.train, "data": str(rdir / "train.jsonl"), "model": model_spec},
+            # early stopping checks refusal on this round's own (wrapped) failures, never on the held-out prompts
+            tcfg = from_dict(TrainConfig, {"dev_harmful": str(rdir / "train.jsonl"), **cfg.train,
+                                           "data": str(rdir / "train.jsonl"), "model": model_spec},
                              where="redteam train")
             run = rdir / "train"
             if run.exists() and not (run / "patch").exists():
                 shutil.rmtree(run)  # an interrupted round trains again from scratch
             if not (run / "patch").exists():
-                base_meta = dict(meta0["base_model"], trained_on_stack=str(prev_stack(prev, patch)))
+                base_meta = dict(meta0["base_model"], trained_on_stack=str(current))
                 train(tcfg, run, model_and_tok=(merged, tok), progress=progress, base_model_meta=base_meta)
             del merged, model
             parts = parts + [run / "patch"]
-            if stack.exists():
-                shutil.rmtree(stack)
-            stack_patches(parts, None, stack)
+            stack_patches(parts, None, stack, overwrite=True)  # a leftover from an interrupted round is replaced
         model, tok = _attach(stack, factory)
-        res = rates(model, tok, held, benign, cfg)
+        answers = base_answers(model, tok, benign, cfg.max_new_tokens, out / "benign_base_answers.jsonl")
+        res = rates(model, tok, held, benign, cfg, answers, progress=progress)
         row = {"round": r, "failures_found": n_fail, "trained_on": None if r == 0 else min(cfg.per_round, n_fail or 0),
                **res, "stack": str(stack), "parts": [str(p) for p in parts],
                "stack_rank": read_meta(stack).get("shape", {}).get("rank")}
         atomic_write_json(done, row)
         table.append(row)
+        current = stack
         del model
     atomic_write_json(out / "redteam.json", {"patch": str(patch), "config": {
         "rounds": cfg.rounds, "attacks": list(cfg.attacks), "per_round": cfg.per_round, "train": cfg.train},
-        "base_fingerprint": meta0["base_model"].get("fingerprint"), "rounds": table})
+        "base_fingerprint": meta0["base_model"].get("fingerprint"), "held_out": len(held), "red_team": len(work),
+        "benign_dev": len(benign), "rounds": table})
     return table
 
 
-def prev_stack(prev_round_dir: Path, first_patch: str | Path) -> Path:
-    """The stack a round starts from: the previous round's stack (round 0: the first patch itself)."""
-    s = prev_round_dir / "stack"
-    return s if s.exists() else Path(first_patch)
-
-
 def format_table(table: list[dict[str, Any]]) -> str:
-    head = f"{'round':>5}  {'failures':>8}  {'harmful plain':>13}  {'worst case':>10}  {'benign refusal':>14}  rank"
+    """The per-round table: failures found, held-out harmful refusal (plain, worst case over attacks), benign
+    refusal, KL drift on benign answers, stack rank."""
+    head = (f"{'round':>5}  {'failures':>8}  {'harmful plain':>13}  {'worst case':>10}  {'benign refusal':>14}"
+            f"  {'benign KL':>9}  rank")
     lines = [head, "-" * len(head)]
     for row in table:
         if "harmful_plain" not in row:
             lines.append(f"{row['round']:>5}  {row.get('failures_found', 0):>8}  (stopped: {row.get('note', '')})")
             continue
         fails = "-" if row["failures_found"] is None else str(row["failures_found"])
+        kl = f"{row['benign_kl']:>9.4f}" if row.get("benign_kl") is not None else f"{'-':>9}"
         lines.append(f"{row['round']:>5}  {fails:>8}  {row['harmful_plain']:>13.0%}  {row['harmful_worst_case']:>10.0%}"
-                     f"  {row['benign_refusal']:>14.1%}  {row.get('stack_rank')}")
+                     f"  {row['benign_refusal']:>14.1%}  {kl}  {row.get('stack_rank')}")
     return "\n".join(lines)
 
 
@@ -217,30 +305,28 @@ def register(sub: Any) -> None:
     r = sub.add_parser("redteam", help="red-team a patch in rounds: find failures (plain and jailbreak-wrapped), "
                                        "train a patch on them with earlier ones frozen, stack, evaluate")
     r.add_argument("--patch", required=True, help="the starting patch")
-    r.add_argument("--pool", default="builtin:harmful:train",
-                   help="harmful prompts to red-team with (file or builtin:...); a third is held out")
-    r.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS), help="comma-separated attack names")
+    r.add_argument("--pool", default="builtin:harmful:dev",
+                   help="harmful prompts to red-team with (JSONL/CSV with 'prompt' and optional 'response' = the "
+                        "refusal to train, or builtin:...); every 3rd is held out for evaluation")
+    r.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS),
+                   help="comma-separated attack names ('none' = plain, always included)")
     r.add_argument("--rounds", type=int, default=3)
-    r.add_argument("--per-round", type=int, default=24, help="failures trained on per round")
+    r.add_argument("--per-round", type=int, default=24, help="failures trained on per round (K)")
     r.add_argument("--model", default="default")
-    r.add_argument("--out", required=True, help="directory for the rounds (rerun to resume)")
+    r.add_argument("--out", required=True, help="directory for the rounds (rerun the same command to resume)")
     r.add_argument("--epochs", type=float, default=2.0, help="epochs for each round's patch")
+    r.add_argument("--max-new-tokens", type=int, default=24, help="tokens generated per prompt when judging")
     r.set_defaults(func=cmd_redteam)
 
 
 def cmd_redteam(args: Any) -> int:
     from .data.builtin import resolve_prompts
-    from .evals.attacks import ATTACKS
 
-    attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
-    unknown = [a for a in attacks if a not in ATTACKS]
-    if unknown:
-        from .config import ConfigError
-
-        raise ConfigError(f"--attacks: unknown {unknown}; available: {sorted(ATTACKS)}")
-    cfg = RedteamConfig(rounds=args.rounds, attacks=attacks, per_round=args.per_round)
+    attacks = tuple(dict.fromkeys(["none"] + [a.strip() for a in args.attacks.split(",") if a.strip()]))
+    cfg = RedteamConfig(rounds=args.rounds, attacks=attacks, per_round=args.per_round,
+                        max_new_tokens=args.max_new_tokens)
     cfg.train = {**cfg.train, "epochs": args.epochs}
-    pool = resolve_prompts(args.pool, response_field=None)
+    pool = resolve_prompts(args.pool, default_split="dev")
     table = run_redteam(args.patch, pool, args.out, args.model, cfg)
     print(format_table(table))
     print(f"rounds: {args.out}/redteam.json")

@@ -56,7 +56,7 @@ def build_examples(cfg: TrainConfig, model: Any, tok: Any
     meta: dict[str, Any] = {"refusal": {"source": cfg.data, "n": len(refusals), "sha256": _records_hash(refusals)}}
     sources: dict[str, list[Record]] = {"refusal": refusals, "anchor": []}
     if cfg.benign and cfg.benign.lower() != "none":
-        spec = "builtin:benign:train" if cfg.benign == "builtin" else cfg.benign
+        spec = "builtin:benign:train+builtin:benign_extra:train" if cfg.benign == "builtin" else cfg.benign
         benign = resolve_prompts(spec, cfg.prompt_field, None)
         sources["anchor"] = benign
         answers = base_answers(model, tok, benign, cfg.anchor_tokens)
