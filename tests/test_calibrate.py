@@ -73,3 +73,23 @@ def test_cli_refuses_bad_factors(capsys):
     with pytest.raises(SystemExit):
         main(["calibrate", "--patch", "x", "--factors", "a,b"])
     assert "--factors" in capsys.readouterr().err
+
+
+def test_sweep_at_zero_generates_exactly_what_the_base_model_does(tiny_tok, patch_and_prompts, monkeypatch):
+    import safetypatch.train
+    from safetypatch.calibrate import _bf16_ok, dev_prompts, sweep
+    from safetypatch.train import refusal_rates
+
+    judged: list[str] = []
+    monkeypatch.setattr(safetypatch.train, "keyword_refusal", lambda text: judged.append(text) or False)
+    d = patch_and_prompts
+    cfg = CalibrationConfig(factors=(1.0,), dev_harmful=str(d / "h.jsonl"), dev_benign=str(d / "b.jsonl"),
+                            max_new_tokens=5, batch_size=3)
+    harmful, benign = dev_prompts(cfg)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=_bf16_ok("cpu")):
+        refusal_rates(build_tiny_model(tiny_tok), tiny_tok, harmful, benign, 5, batch_size=3)
+    base_texts, judged[:] = list(judged), []
+    curve = sweep(load_patch(build_tiny_model(tiny_tok), d / "patch"), tiny_tok, cfg, progress=False)
+    assert [p["factor"] for p in curve] == [0.0, 1.0] and len(judged) == 2 * len(base_texts) == 16
+    assert judged[:8] == base_texts  # s = 0: the base model's answers, token for token
+    assert judged[8:] != base_texts  # s = 1: the patch changes them

@@ -150,14 +150,18 @@ def test_chat_reads_stdin_lines_and_shows_both_answers(tiny_tok, tiny_model_dir,
 
 
 # ---------------------------------------------------------------------------------------------- calibrate
-def test_calibrate_cli_records_applies_and_refuses_to_overwrite(tiny_tok, tiny_model_dir, tmp_path, capsys):
+def test_calibrate_cli_records_applies_and_refuses_to_overwrite(tiny_tok, tiny_model_dir, tmp_path, capsys,
+                                                               monkeypatch):
+    import safetypatch.train
+
+    monkeypatch.setattr(safetypatch.train, "keyword_refusal", lambda text: False)  # flat curve: ties -> smallest s
     p = make_patch(tiny_tok, tmp_path / "p")
     sha = verify_files(p)["weights"]["sha256"]
     h = jsonl(tmp_path / "h.jsonl", [f"harmful request {i}" for i in range(3)])
     b = jsonl(tmp_path / "b.jsonl", [f"benign request {i}" for i in range(3)])
     argv = ["calibrate", "--patch", str(p), "--model", str(tiny_model_dir), "--dev-harmful", h, "--dev-benign", b,
             "--factors", "0.5,1", "--max-new-tokens", "3", "--out", str(tmp_path / "cal"), "--apply"]
-    rc = main(argv)
+    assert main(argv) == 0
     out = capsys.readouterr().out
     meta = verify_files(p)  # patch.json gained the calibration; the weights' sha256 is unchanged
     cal = meta["calibration"]
@@ -165,13 +169,9 @@ def test_calibrate_cli_records_applies_and_refuses_to_overwrite(tiny_tok, tiny_m
     assert cal["dev"] == {"harmful": h, "n_harmful": 3, "benign": b, "n_benign": 3}
     saved = json.loads((tmp_path / "cal" / "calibration.json").read_text())
     assert saved["curve"] == cal["curve"] and (tmp_path / "cal" / "calibration.png").stat().st_size > 1000
-    if rc == 0:  # a factor within budget: the scaled patch is its dW times that factor
-        s = cal["chosen_factor"]
-        assert f"chosen s = {s:g}" in out and cal["applied_to"] == f"{p}-calibrated"
-        scaled, orig = delta_weights(f"{p}-calibrated"), delta_weights(p)
-        assert all(torch.allclose(scaled[k], s * orig[k], atol=1e-6) for k in orig)
-    else:
-        assert rc == 1 and "no factor" in out and not (tmp_path / "p-calibrated").exists()
+    assert cal["chosen_factor"] == 0.5 and "chosen s = 0.5" in out and cal["applied_to"] == f"{p}-calibrated"
+    scaled, orig = delta_weights(f"{p}-calibrated"), delta_weights(p)  # the applied patch: dW x 0.5
+    assert set(scaled) == set(orig) and all(torch.allclose(scaled[k], 0.5 * orig[k], atol=1e-6) for k in orig)
     assert main(["patch", "info", str(p)]) == 0
     assert "calibration" in capsys.readouterr().out
     assert main(argv) == 2  # the same --out again: refused before any generation

@@ -1,9 +1,12 @@
 import json
 
+import pytest
+
 from conftest import build_tiny_model
-from safetypatch.config import PatchShape
+from safetypatch.config import ConfigError, PatchShape
 from safetypatch.data.readers import Record
-from safetypatch.patch import attach_new_patch, save_patch, verify_files
+from safetypatch.models import fingerprint
+from safetypatch.patch import attach_new_patch, load_patch, save_patch, verify_files
 from safetypatch.patch_ops import delta_weights
 from safetypatch.redteam import RedteamConfig, format_table, pick_failures, run_redteam, split_pool
 
@@ -46,8 +49,27 @@ def test_two_rounds_on_tiny_model(tiny_tok, tmp_path):
             want[k] = want.get(k, 0) + v
     got = delta_weights(stack)
     assert set(got) == set(want) and all((got[k] - want[k]).abs().max() < 1e-5 for k in got)
-    assert "worst case" in format_table(table)
+    assert "worst case" in format_table(table) and "benign KL" in format_table(table)
+    # every round's patch names the true base model (not the merged one it was trained on) and loads onto it
+    base = build_tiny_model(tiny_tok)
+    for i, p in enumerate(parts[1:], start=1):
+        meta = verify_files(p)
+        assert meta["base_model"]["fingerprint"] == fingerprint(base)
+        assert meta["base_model"]["trained_on_stack"] == str(tmp_path / "p0" if i == 1 else tmp_path / "rt/round-1/stack")
+        load_patch(build_tiny_model(tiny_tok), p)
+    # the failures become refusal examples: the wrapped prompt and the pool's own response
+    rows = [json.loads(x) for x in (tmp_path / "rt/round-1/train.jsonl").read_text().splitlines()]
+    failures = [json.loads(x) for x in (tmp_path / "rt/round-1/failures.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == [f["wrapped"] for f in failures] and len(rows) <= 3
+    assert all(r["response"] == "I'm sorry, I can't help with that." for r in rows)
+    # KL drift: the first patch is PEFT's no-op init (B = 0), later rounds move the benign answers' distributions
+    assert table[0]["benign_kl"] == pytest.approx(0.0, abs=1e-6) and table[2]["benign_kl"] > 0
     # a rerun resumes: every round is already done
     again = run_redteam(tmp_path / "p0", pool, tmp_path / "rt", cfg=cfg,
                         model_factory=lambda: (build_tiny_model(tiny_tok), tiny_tok), progress=False)
     assert again == table
+    # a different run in the same directory is refused, not mixed in
+    other = RedteamConfig(**{**cfg.__dict__, "per_round": 2})
+    with pytest.raises(ConfigError, match="per_round"):
+        run_redteam(tmp_path / "p0", pool, tmp_path / "rt", cfg=other,
+                    model_factory=lambda: (build_tiny_model(tiny_tok), tiny_tok), progress=False)

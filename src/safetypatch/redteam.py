@@ -152,7 +152,7 @@ def rates(model: Any, tok: Any, held: list[Record], benign: list[Record], cfg: R
     out = {"harmful_plain": per_attack.get("none"), "harmful_worst_case": worst, "per_attack": per_attack,
            "benign_refusal": sum(r["refused"] for r in ben) / max(1, len(ben))}
     if answers is not None:
-        out["benign_kl"] = round(benign_kl(model, tok, benign, answers), 6)
+        out["benign_kl"] = benign_kl(model, tok, benign, answers)
     return out
 
 
@@ -202,7 +202,7 @@ def run_redteam(patch: str | Path, pool: list[Record], out_dir: str | Path, mode
     from .data.builtin import resolve_prompts
     from .data.readers import write_jsonl_atomic
     from .models import load_model
-    from .patch import read_meta, verify_files
+    from .patch import verify_files
     from .patch_ops import stack_patches
     from .train import train
 
@@ -272,7 +272,7 @@ def run_redteam(patch: str | Path, pool: list[Record], out_dir: str | Path, mode
         res = rates(model, tok, held, benign, cfg, answers, progress=progress)
         row = {"round": r, "failures_found": n_fail, "trained_on": None if r == 0 else min(cfg.per_round, n_fail or 0),
                **res, "stack": str(stack), "parts": [str(p) for p in parts],
-               "stack_rank": read_meta(stack).get("shape", {}).get("rank")}
+               "stack_rank": json.loads((stack / "adapter_config.json").read_text()).get("r")}
         atomic_write_json(done, row)
         table.append(row)
         current = stack
@@ -295,7 +295,7 @@ def format_table(table: list[dict[str, Any]]) -> str:
             lines.append(f"{row['round']:>5}  {row.get('failures_found', 0):>8}  (stopped: {row.get('note', '')})")
             continue
         fails = "-" if row["failures_found"] is None else str(row["failures_found"])
-        kl = f"{row['benign_kl']:>9.4f}" if row.get("benign_kl") is not None else f"{'-':>9}"
+        kl = f"{row['benign_kl']:>9.3g}" if row.get("benign_kl") is not None else f"{'-':>9}"
         lines.append(f"{row['round']:>5}  {fails:>8}  {row['harmful_plain']:>13.0%}  {row['harmful_worst_case']:>10.0%}"
                      f"  {row['benign_refusal']:>14.1%}  {kl}  {row.get('stack_rank')}")
     return "\n".join(lines)
