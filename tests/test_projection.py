@@ -62,3 +62,21 @@ def test_planted_update_inside_top_k_is_removed(tiny_tok, tmp_path):
     save_patch(model, tmp_path / "planted", {"base_model": {"spec": "tiny"}})
     meta = project_patch(tmp_path / "planted", base, k=1, out_dir=tmp_path / "out")
     assert meta["derived_from"]["retained_energy"] < 1e-8
+
+
+def test_projected_patch_keeps_the_source_storage_dtype(tiny_tok, tmp_path):
+    from safetensors.torch import load_file
+
+    model = attach_new_patch(build_tiny_model(tiny_tok), PatchShape(rank=2, alpha=4.0, target_modules=["up_proj"],
+                                                                     layers="all"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 1.0)
+    save_patch(model, tmp_path / "p16", {"base_model": {"spec": "tiny"}, "shape": {"rank": 2}}, save_dtype="float16")
+    project_patch(tmp_path / "p16", build_tiny_model(tiny_tok), k=2, out_dir=tmp_path / "proj")
+    src = load_file(str(tmp_path / "p16" / "adapter_model.safetensors"))
+    out = load_file(str(tmp_path / "proj" / "adapter_model.safetensors"))
+    assert {t.dtype for t in src.values()} == {t.dtype for t in out.values()} == {torch.float16}
+    assert (tmp_path / "proj" / "adapter_model.safetensors").stat().st_size == \
+        (tmp_path / "p16" / "adapter_model.safetensors").stat().st_size

@@ -280,3 +280,38 @@ def test_all_entries_skipped_is_an_error(tiny_model_dir, tmp_path, capsys, monke
     rc = main(["eval", "--suite", str(suite), "--model", str(tiny_model_dir), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 2 and "every entry was skipped" in err and "Traceback" not in err
+
+
+def test_finetuned_model_is_compared_with_its_base_like_a_patch(tiny_model_dir, tiny_patch, tmp_path, capsys):
+    """A full fine-tune equal to base + patch (the patch merged) gets the same refusal rates and KL as the patch."""
+    from safetypatch.models import load_model
+    from safetypatch.patch import load_patch
+
+    model, tok = load_model(str(tiny_model_dir))
+    merged = load_patch(model, tiny_patch).merge_and_unload()
+    ft_dir = tmp_path / "ft"
+    merged.save_pretrained(ft_dir, safe_serialization=True)
+    tok.save_pretrained(ft_dir)
+    suite = _write(tmp_path / "s.yaml", "judges: [refusal_gcg]\ngeneration: {max_new_tokens: 6}\nentries:\n"
+                                        "  - {benchmark: builtin_harmful, limit: 3}\n"
+                                        "  - {type: kl, name: kl, benchmark: builtin_benign, limit: 3}\n")
+    results = {}
+    for flag, path in (("--patch", tiny_patch), ("--finetuned", ft_dir)):
+        out = tmp_path / flag.strip("-")
+        rc = main(["eval", "--suite", str(suite), "--model", str(tiny_model_dir), flag, str(path),
+                   "--out", str(out), "--no-db"])
+        captured = capsys.readouterr()
+        assert rc == 0, captured.err
+        summary = json.loads((out / "summary.json").read_text())
+        results[flag] = summary["results"]
+        rows = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
+        assert {r["model"] for r in rows} == {"base", "patched"}
+    assert "fine-tuned" in captured.out and summary["finetuned"] == str(ft_dir.resolve())
+    kl_patch = results["--patch"]["patched"]["kl"]["-"]["-"]["kl_per_token"]
+    kl_ft = results["--finetuned"]["patched"]["kl"]["-"]["-"]["kl_per_token"]
+    assert kl_patch > 0 and abs(kl_ft - kl_patch) <= 1e-3 * kl_patch + 1e-6
+    for v in ("base", "patched"):
+        assert (results["--finetuned"][v]["builtin_harmful"] == results["--patch"][v]["builtin_harmful"])
+    rc = main(["eval", "--suite", str(suite), "--model", str(tiny_model_dir), "--patch", str(tiny_patch),
+               "--finetuned", str(ft_dir), "--out", str(tmp_path / "both"), "--no-db"])
+    assert rc == 2 and "not both" in capsys.readouterr().err

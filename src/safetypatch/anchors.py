@@ -16,7 +16,7 @@ from .io_utils import atomic_write_text, sha256_text
 from .models import fingerprint, fingerprint_id
 
 
-def base_answers(model: Any, tok: Any, records: list[Record], max_tokens: int, batch_size: int = 16,
+def base_answers(model: Any, tok: Any, records: list[Record], max_tokens: int, batch_size: int = 64,
                  cache: bool = True) -> list[tuple[list[int], bool]]:
     """(answer token ids, finished) of the base model for each record, from cache when possible."""
     key = sha256_text(fingerprint_id(fingerprint(model)), str(max_tokens),

@@ -62,7 +62,11 @@ def cmd_eval_suite(args: argparse.Namespace) -> int:
     if args.prompts:
         print("error: give either --suite or --prompts, not both", file=sys.stderr)
         return 2
-    cfg = SuiteRunConfig(suite=args.suite, model=args.model, patch=args.patch, data_root=args.data_root,
+    if args.finetuned and args.patch:
+        print("error: give either --patch or --finetuned, not both", file=sys.stderr)
+        return 2
+    cfg = SuiteRunConfig(suite=args.suite, model=args.model, patch=args.patch, finetuned=args.finetuned,
+                         data_root=args.data_root,
                          db=args.db, record=not args.no_db, judge_models=_judge_models(args.judge_model),
                          limit=args.limit, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                          name=args.name, device=args.device)
@@ -80,7 +84,10 @@ def cmd_eval_suite(args: argparse.Namespace) -> int:
         record_evaluation(args.patch, {"suite": f"suite:{summary['suite']}", "run_id": summary["run_id"],
                                        "db": summary["db"], "out": str(args.out), "refusal": rates})
     who = f"{args.model}" + (f" + patch {args.patch}" if args.patch else "")
-    print(f"suite {summary['suite']} on {who}: " + ("base vs patched" if args.patch else "base only"))
+    who += f" vs fine-tuned {args.finetuned}" if args.finetuned else ""
+    print(f"suite {summary['suite']} on {who}: " + ("base vs patched" if args.patch else
+                                                    "base vs fine-tuned ('patched' rows)" if args.finetuned
+                                                    else "base only"))
     print(format_table(summary["metrics"], kinds=summary["entries"]))
     for n in summary["notes"]:
         print(f"note: {n}")
@@ -96,6 +103,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.suite:
         return cmd_eval_suite(args)
+    if args.finetuned:
+        print("error: --finetuned works with --suite (e.g. --suite quick)", file=sys.stderr)
+        return 2
     args.prompts = args.prompts or "builtin:harmful:test"
     args.max_new_tokens = args.max_new_tokens or 64
     args.batch_size = args.batch_size or 16
@@ -233,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default="default", help="hub id, local dir, .gguf file, or 'default'")
     e.add_argument("--patch", help="patch directory to evaluate")
     e.add_argument("--with-base", action="store_true", help="also evaluate the base model (with --patch)")
+    e.add_argument("--finetuned", help="with --suite: a fully fine-tuned model directory, evaluated against --model "
+                                       "as its base (its rows are labelled 'patched')")
     e.add_argument("--prompts", default=None,
                    help="JSONL with a 'prompt' field, CSV with a 'prompt' column, or builtin:<harmful|benign>:<split> "
                         "(default builtin:harmful:test)")

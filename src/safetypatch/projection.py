@@ -63,6 +63,8 @@ def project_patch(patch_dir: str | Path, model: Any, k: int, out_dir: str | Path
     weights = dict(model.named_parameters())
     new_tensors: dict[str, Any] = {}
     kept_num = total = 0.0
+    # keep the source patch's storage dtype (float16 by default), so a projected patch is no larger than its source
+    store = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
     for module, (a, b, scale) in lora_deltas((config, tensors)).items():
         w0 = weights.get(f"{module}.weight")
         if w0 is None:
@@ -74,8 +76,8 @@ def project_patch(patch_dir: str | Path, model: Any, k: int, out_dir: str | Path
         total += float(dw.pow(2).sum())
         kept_num += float(proj.pow(2).sum())
         new_a, new_b = refactor(proj, a.shape[0], scale)
-        new_tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = new_a.to(torch.float32).contiguous()
-        new_tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = new_b.to(torch.float32).contiguous()
+        new_tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = new_a.to(store).contiguous()
+        new_tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = new_b.to(store).contiguous()
     new_meta = {key: meta[key] for key in ("base_model", "shape", "recipe") if key in meta}
     new_meta["derived_from"] = {"path": str(patch_dir), "sha256": meta["weights"]["sha256"], "operation": "project",
                                 "k": k, "side": side, "retained_energy": kept_num / total if total else 0.0}

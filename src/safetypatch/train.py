@@ -631,6 +631,13 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, device: s
         from .geometry_reg import OverlapPenalty
 
         overlap = OverlapPenalty(model, cfg.overlap_k, cfg.overlap_side, cfg.overlap_variant)
+        if cfg.method == "lora" and cfg.freeze_a and cfg.overlap_side in ("row", "both"):
+            import sys
+
+            # measured on the embedded model (docs/geometry.md): side 'both', beta 1, frozen LDA A -> no refusal learnt
+            print(f"warning: overlap_side={cfg.overlap_side} with a frozen A: dW V_k = B (A V_k) can only shrink "
+                  "by shrinking B, so the row penalty fights the patch itself; use --overlap-side column or "
+                  "--freeze-a false", file=sys.stderr)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
@@ -656,8 +663,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, device: s
         model.eval()
         with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
             with speed.for_generation():
-                rates = refusal_rates(model, tok, dev_h, dev_b, cfg.dev_tokens,
-                                      batch_size=64 if device.startswith("cuda") else 16)
+                # batch 64 on CPU too: ~1.6x faster than 16 with the shared-prefix decoding (docs/performance.md)
+                rates = refusal_rates(model, tok, dev_h, dev_b, cfg.dev_tokens, batch_size=64)
         model.train()
         if base_benign is None:
             base_benign = rates["benign_refusal"]

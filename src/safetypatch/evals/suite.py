@@ -343,6 +343,7 @@ class SuiteRunConfig:
     suite: str
     model: str = "default"
     patch: str | None = None
+    finetuned: str | None = None  # a fully fine-tuned model dir, compared with `model` as its base
     data_root: str | None = None  # None: $SAFETYPATCH_DATA
     db: str | None = None  # None: $SAFETYPATCH_HOME/results.db
     record: bool = True  # record the run in the results DB
@@ -586,13 +587,21 @@ def run_suite(cfg: SuiteRunConfig, out_dir: str | Path, resume: bool = False,
     model, tok = model_and_tok or load_model(cfg.model, device=cfg.device)
     fp = fingerprint_id(fingerprint(model))
     variants = ["base"]
+    if cfg.patch and cfg.finetuned:
+        raise ConfigError("give either a patch or a fine-tuned model to compare with the base, not both")
     if cfg.patch:
         model = load_patch(model, cfg.patch)
+        variants = ["base", "patched"]
+    elif cfg.finetuned:  # 'patched' rows are the fine-tuned model's
+        from .paired import FinetunedPair
+
+        _log(f"[suite {suite.name}] loading the fine-tuned model {cfg.finetuned}")
+        model = FinetunedPair(model, load_model(cfg.finetuned, device=cfg.device)[0])
         variants = ["base", "patched"]
     else:
         for p in prepared:
             if p.entry.type == "kl":
-                notes.append(f"skipped {p.entry.name}: KL to base needs --patch")
+                notes.append(f"skipped {p.entry.name}: KL to base needs --patch or --finetuned")
         prepared = [p for p in prepared if p.entry.type != "kl"]
 
     # ---- generation requests: (variant, max_new_tokens) -> unique chats, generated once each
@@ -725,6 +734,7 @@ def run_suite(cfg: SuiteRunConfig, out_dir: str | Path, resume: bool = False,
     summary: dict[str, Any] = {
         "suite": suite.name, "suite_file": suite.source, "model": cfg.model, "model_fingerprint": fp,
         "patch": str(Path(cfg.patch).resolve()) if cfg.patch else None, "patch_sha256": patch_sha,
+        "finetuned": str(Path(cfg.finetuned).resolve()) if cfg.finetuned else None,
         "data_root": cfg.data_root if cfg.data_root is not None else default_data_root(),
         "generation": asdict(gen), "entries": kinds, "notes": notes, "metrics": metrics,
         "results": nest(metrics), "seconds": round(time.time() - t0, 1), "run_id": None, "db": None,
@@ -746,6 +756,7 @@ def run_suite(cfg: SuiteRunConfig, out_dir: str | Path, resume: bool = False,
         info = RunInfo(model_spec=cfg.model, name=cfg.name or Path(out).resolve().name, suite=suite.name,
                        model_fingerprint=fp, patch_path=summary["patch"], patch_sha256=patch_sha,
                        config={"suite_file": suite.source, "out": str(Path(out).resolve()),
+                               "finetuned": summary["finetuned"],
                                "data_root": summary["data_root"], "generation": summary["generation"],
                                "limit": cfg.limit, "entries": kinds, "notes": notes})
         with ResultsStore(cfg.db) as store:

@@ -1,0 +1,37 @@
+"""A fully fine-tuned model seen through the patched-model interface, so the suite compares it with its base.
+
+Every base-versus-patched metric in safetypatch (refusal rates, KL(base || patched) on the base's own answers)
+runs on one PEFT model and switches the patch off with `model.disable_adapter()`. A full fine-tune has no adapter:
+`FinetunedPair` holds both models and routes calls to the fine-tuned one, or to the base inside
+`disable_adapter()`, so the same code measures LoRA patches and full fine-tuning alike (docs/geometry.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+
+class FinetunedPair:
+    """Behaves like the fine-tuned model; inside `disable_adapter()` like the base model."""
+
+    def __init__(self, base: Any, finetuned: Any) -> None:
+        if type(base) is not type(finetuned):
+            raise ValueError(f"the fine-tuned model is a {type(finetuned).__name__}, the base a "
+                             f"{type(base).__name__}: give the base the model was fine-tuned from")
+        self.__dict__.update(_base=base, _finetuned=finetuned, _active=finetuned)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        previous = self._active
+        self.__dict__["_active"] = self._base
+        try:
+            yield
+        finally:
+            self.__dict__["_active"] = previous
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._active(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # config, generate, parameters, eval, ... of the active model
+        return getattr(self.__dict__["_active"], name)
