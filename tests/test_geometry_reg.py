@@ -93,3 +93,15 @@ def test_config_validation():
         TrainConfig(overlap_side="diagonal").validate()
     with pytest.raises(ConfigError, match="lora"):
         TrainConfig(method="full", overlap_beta=1.0).validate()
+
+
+def test_row_penalty_with_a_frozen_a_warns(tiny_model_dir, harmful_file, benign_file, tmp_path, capsys):
+    from safetypatch.train import train
+
+    common = dict(init="default", freeze_a=True, epochs=0.25, overlap_beta=1.0, overlap_k=2)
+    train(_cfg(tiny_model_dir, harmful_file, benign_file, overlap_side="both", **common), tmp_path / "both",
+          progress=False)
+    assert "frozen A" in capsys.readouterr().err
+    train(_cfg(tiny_model_dir, harmful_file, benign_file, overlap_side="column", **common), tmp_path / "column",
+          progress=False)
+    assert "frozen A" not in capsys.readouterr().err
