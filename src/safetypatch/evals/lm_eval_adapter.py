@@ -71,8 +71,11 @@ def simple_evaluate_kwargs(model: str = "default", patch: str | Path | None = No
     }
     if num_fewshot is not None:
         kwargs["num_fewshot"] = num_fewshot
-    if device is not None:
-        kwargs["device"] = device
+    if device is None:  # lm-eval's hf model otherwise warms up a CUDA allocator even on a CPU-only torch
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kwargs["device"] = device
     if limit is not None:
         kwargs["limit"] = limit
     if seed is not None:
@@ -81,7 +84,19 @@ def simple_evaluate_kwargs(model: str = "default", patch: str | Path | None = No
 
 
 def run_lm_eval(model: str = "default", patch: str | Path | None = None,
-                tasks: str | Sequence[str] = ("arc_easy",), **kwargs: Any) -> dict[str, Any]:
-    """Run lm-eval's `simple_evaluate` and return its results dict (raises LMEvalUnavailable without lm-eval)."""
+                tasks: str | Sequence[str] = ("arc_easy",), include_path: str | Path | None = None,
+                **kwargs: Any) -> dict[str, Any]:
+    """Run lm-eval's `simple_evaluate` and return its results dict (raises LMEvalUnavailable without lm-eval).
+
+    `include_path`: a directory of your own lm-eval task YAMLs (e.g. a task over a local file, for offline use),
+    passed to lm-eval's `TaskManager(include_path=...)`.
+    """
     lm_eval = _require_lm_eval()  # first, so a missing package is reported before any model conversion
-    return lm_eval.simple_evaluate(**simple_evaluate_kwargs(model, patch, tasks, **kwargs))
+    if include_path is not None and not Path(include_path).is_dir():
+        raise ModelError(f"lm-eval include_path {include_path}: not a directory of task YAML files")
+    call = simple_evaluate_kwargs(model, patch, tasks, **kwargs)
+    if include_path is not None:
+        from lm_eval.tasks import TaskManager
+
+        call["task_manager"] = TaskManager(include_path=str(include_path))
+    return lm_eval.simple_evaluate(**call)
