@@ -62,9 +62,6 @@ def cmd_eval_suite(args: argparse.Namespace) -> int:
     if args.prompts:
         print("error: give either --suite or --prompts, not both", file=sys.stderr)
         return 2
-    if args.finetuned and args.patch:
-        print("error: give either --patch or --finetuned, not both", file=sys.stderr)
-        return 2
     cfg = SuiteRunConfig(suite=args.suite, model=args.model, patch=args.patch, finetuned=args.finetuned,
                          data_root=args.data_root,
                          db=args.db, record=not args.no_db, judge_models=_judge_models(args.judge_model),

@@ -564,6 +564,8 @@ def run_suite(cfg: SuiteRunConfig, out_dir: str | Path, resume: bool = False,
     from .refusal import RESERVED, _variant
 
     t0 = time.time()
+    if cfg.patch and cfg.finetuned:
+        raise ConfigError("give either --patch or --finetuned to compare with the base model, not both")
     suite = load_suite(cfg.suite)
     out = claim_output_dir(out_dir, resume=resume, marker="summary.json")
     notes: list[str] = []
@@ -587,8 +589,6 @@ def run_suite(cfg: SuiteRunConfig, out_dir: str | Path, resume: bool = False,
     model, tok = model_and_tok or load_model(cfg.model, device=cfg.device)
     fp = fingerprint_id(fingerprint(model))
     variants = ["base"]
-    if cfg.patch and cfg.finetuned:
-        raise ConfigError("give either a patch or a fine-tuned model to compare with the base, not both")
     if cfg.patch:
         model = load_patch(model, cfg.patch)
         variants = ["base", "patched"]
