@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The measurements behind docs/geometry.md, on the embedded SmolLM2-135M (about 45 minutes on 2 CPU cores).
+# The measurements behind docs/geometry.md, on the embedded SmolLM2-135M (about an hour on 2 CPU cores).
 # Steps whose output already exists are skipped, so an interrupted run resumes:  bash benchmarks/geometry_compare.sh [OUT]
 set -euo pipefail
 OUT=${1:-runs/geo}
@@ -24,17 +24,15 @@ step "$OUT/full/model/config.json" "$SP" train --out "$OUT/full" --method full -
 step "$OUT/reg/patch/patch.json" "$SP" train --out "$OUT/reg" --overlap-beta 1.0 --overlap-k 32 --overlap-side column
 step "$OUT/proj/patch.json" "$SP" patch project "$OUT/demo/patch" --k 32 -o "$OUT/proj"
 # 5. geometry of every update, then safety and utility with the same suite
-for name in demo r1 r8 r64 reg; do
-  step "$OUT/an-$name/geometry.json" "$SP" analyze --model default --patch "$OUT/$name/patch" --k 1,8,32 --out "$OUT/an-$name"
+patch_dir() { if [ "$1" = proj ]; then echo "$OUT/proj"; else echo "$OUT/$1/patch"; fi; }
+for name in demo r1 r8 r64 reg proj; do
+  step "$OUT/an-$name/geometry.json" "$SP" analyze --model default --patch "$(patch_dir $name)" --k 1,8,32 --out "$OUT/an-$name"
 done
-step "$OUT/an-proj/geometry.json" "$SP" analyze --model default --patch "$OUT/proj" --k 1,8,32 --out "$OUT/an-proj"
 step "$OUT/an-full/geometry.json" "$SP" analyze --model default --finetuned "$OUT/full/model" --k 1,8,32 --out "$OUT/an-full"
-for name in demo r1 r8 r64 reg; do
+for name in demo r1 r8 r64 reg proj; do
   step "$OUT/ev-$name/summary.json" "$SP" eval --suite benchmarks/geometry_suite.yaml --model default \
-    --patch "$OUT/$name/patch" --out "$OUT/ev-$name" --data-root "$DATA" --no-db
+    --patch "$(patch_dir $name)" --out "$OUT/ev-$name" --data-root "$DATA" --no-db
 done
-step "$OUT/ev-proj/summary.json" "$SP" eval --suite benchmarks/geometry_suite.yaml --model default \
-  --patch "$OUT/proj" --out "$OUT/ev-proj" --data-root "$DATA" --no-db
 step "$OUT/ev-full/summary.json" "$SP" eval --suite benchmarks/geometry_suite.yaml --model default \
   --finetuned "$OUT/full/model" --out "$OUT/ev-full" --data-root "$DATA" --no-db
 python3 benchmarks/geometry_summary.py "$OUT"/an-* --module up_proj | tee "$OUT/summary-up_proj.txt"

@@ -32,6 +32,22 @@ def summarise(rows: list[dict], k: int) -> dict[str, float]:
     return out
 
 
+def load_rows(d: Path, module: str | None) -> list[dict] | None:
+    """geometry.json of an analyze output dir (None if missing), only weights whose module ends with `module`."""
+    path = d / "geometry.json"
+    if not path.exists():
+        return None
+    rows = json.loads(path.read_text())
+    return [r for r in rows if not module or str(r.get("module", "")).endswith(module)]
+
+
+def load_shift(d: Path) -> dict | None:
+    """shift.json of an analyze output dir, if it has both curves."""
+    path = d / "shift.json"
+    sh = json.loads(path.read_text()) if path.exists() else {}
+    return sh if sh.get("benign") and sh.get("harmful") else None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("dirs", nargs="+", type=Path, help="output directories of `safetypatch analyze --out`")
@@ -46,13 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     print(head)
     print("-" * len(head))
     for d in args.dirs:
-        path = d / "geometry.json"
-        if not path.exists():
-            print(f"{d.name:<18} missing {path}")
+        rows = load_rows(d, args.module)
+        if rows is None:
+            print(f"{d.name:<18} missing {d / 'geometry.json'}")
             continue
-        rows = json.loads(path.read_text())
-        if args.module:
-            rows = [r for r in rows if str(r.get("module", "")).endswith(args.module)]
         s = summarise(rows, args.k)
         print(f"{d.name:<18} {s['n']:>7} {s['rel_fro']:>9.3g} {s['stable_rank']:>9.2f} {s['effective_rank']:>6.1f}   "
               f"{s['energy_left']:>8.3f} ({s['random_energy_left']:.3f}) {s['energy_right']:>8.3f} "
@@ -63,13 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'update':<18} {'benign (mean)':>13} {'harmful (mean)':>14} {'benign (last)':>13} {'harmful (last)':>14} "
           f"{'harmful / benign':>16}")
     for d in args.dirs:
-        path = d / "shift.json"
-        if not path.exists():
+        sh = load_shift(d)
+        if sh is None:
             continue
-        sh = json.loads(path.read_text())
-        b, h = sh.get("benign") or [], sh.get("harmful") or []
-        if not b or not h:
-            continue
+        b, h = sh["benign"], sh["harmful"]
         ratio = mean(h) / mean(b) if mean(b) else float("nan")
         print(f"{d.name:<18} {mean(b):>13.4f} {mean(h):>14.4f} {b[-1]:>13.4f} {h[-1]:>14.4f} {ratio:>16.2f}")
     if args.plot:
@@ -88,19 +98,17 @@ def plot(dirs: list[Path], k: int, module: str | None, path: Path) -> None:
     names, right, left = [], [], []
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4))
     for d in dirs:
-        g = d / "geometry.json"
-        if g.exists():
-            rows = json.loads(g.read_text())
-            rows = [r for r in rows if not module or str(r.get("module", "")).endswith(module)]
+        name = d.name.removeprefix("an-")
+        rows = load_rows(d, module)
+        if rows is not None:
             s = summarise(rows, k)
-            names.append(d.name.removeprefix("an-"))
+            names.append(name)
             right.append(s["energy_right"] / s["random_energy_right"])
             left.append(s["energy_left"] / s["random_energy_left"])
-        sh = d / "shift.json"
-        if sh.exists():
-            curves = json.loads(sh.read_text())
-            line, = ax1.plot(curves["harmful"], "-", label=f"{d.name.removeprefix('an-')} harmful")
-            ax1.plot(curves["benign"], "--", color=line.get_color(), label=f"{d.name.removeprefix('an-')} benign")
+        curves = load_shift(d)
+        if curves is not None:
+            line, = ax1.plot(curves["harmful"], "-", label=f"{name} harmful")
+            ax1.plot(curves["benign"], "--", color=line.get_color(), label=f"{name} benign")
     x = range(len(names))
     ax0.bar([i - 0.2 for i in x], right, 0.4, label="right (input side)")
     ax0.bar([i + 0.2 for i in x], left, 0.4, label="left (output side)")

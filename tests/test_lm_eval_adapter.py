@@ -6,6 +6,7 @@ import sys
 import types
 
 import pytest
+import torch
 
 from safetypatch import models
 from safetypatch.evals.lm_eval_adapter import (
@@ -76,16 +77,12 @@ def test_run_passes_arguments_through(monkeypatch, tiny_model_dir, fake_patch):
     monkeypatch.setitem(sys.modules, "lm_eval", fake)
     out = run_lm_eval(str(tiny_model_dir), fake_patch, tasks=["arc_easy"], batch_size=4)
     assert out["results"]["arc_easy"]["acc,none"] == 0.5
-    import torch
-
     assert calls == [{"model": "hf", "model_args": f"pretrained={tiny_model_dir},peft={fake_patch}",
                       "tasks": ["arc_easy"], "batch_size": 4,
                       "device": "cuda" if torch.cuda.is_available() else "cpu"}]
 
 
 def test_device_defaults_to_cpu_without_cuda(monkeypatch, tiny_model_dir):
-    import torch
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert simple_evaluate_kwargs(str(tiny_model_dir), tasks="arc_easy")["device"] == "cpu"
     assert simple_evaluate_kwargs(str(tiny_model_dir), tasks="arc_easy", device="cuda:1")["device"] == "cuda:1"

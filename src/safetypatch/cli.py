@@ -80,11 +80,13 @@ def cmd_eval_suite(args: argparse.Namespace) -> int:
                     rates.setdefault(v, {})[b] = value
         record_evaluation(args.patch, {"suite": f"suite:{summary['suite']}", "run_id": summary["run_id"],
                                        "db": summary["db"], "out": str(args.out), "refusal": rates})
-    who = f"{args.model}" + (f" + patch {args.patch}" if args.patch else "")
-    who += f" vs fine-tuned {args.finetuned}" if args.finetuned else ""
-    print(f"suite {summary['suite']} on {who}: " + ("base vs patched" if args.patch else
-                                                    "base vs fine-tuned ('patched' rows)" if args.finetuned
-                                                    else "base only"))
+    if args.patch:
+        who, mode = f"{args.model} + patch {args.patch}", "base vs patched"
+    elif args.finetuned:
+        who, mode = f"{args.model} vs fine-tuned {args.finetuned}", "base vs fine-tuned ('patched' rows)"
+    else:
+        who, mode = args.model, "base only"
+    print(f"suite {summary['suite']} on {who}: {mode}")
     print(format_table(summary["metrics"], kinds=summary["entries"]))
     for n in summary["notes"]:
         print(f"note: {n}")

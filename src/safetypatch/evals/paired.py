@@ -19,7 +19,7 @@ class FinetunedPair:
         if type(base) is not type(finetuned):
             raise ValueError(f"the fine-tuned model is a {type(finetuned).__name__}, the base a "
                              f"{type(base).__name__}: give the base the model was fine-tuned from")
-        self.__dict__.update(_base=base, _finetuned=finetuned, _active=finetuned)
+        self.__dict__.update(_base=base, _active=finetuned)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
