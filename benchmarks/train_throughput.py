@@ -50,20 +50,8 @@ def matmul_rate(dtype: Any, n: int = 1024, seconds: float = 1.5) -> float:
     return best
 
 
-def recipe_flops(model: Any, examples: list[Any], first_trained: int) -> float:
-    """Model FLOPs of one pass of the recipe over `examples` (the same count for both trainers).
-
-    Per example of n tokens with r loss targets, d_attn = heads x head_dim, P_l = weights of the linear layers of
-    decoder layer l, V x d = LM head:
-      forward:  sum_l (2 P_l n + 2 n^2 d_attn)       every layer's matmuls + causal attention (QK^T, AV: half of n^2)
-                + 2 V d r                              LM head on the positions that predict a response token
-      backward: sum_{l >= first_trained} (2 P_l n + 4 n^2 d_attn)    input gradients only: the base weights are
-                + 2 V d r                                            frozen, so no weight gradients (the usual 6N
-                                                                     assumes them: 2N forward + 4N backward)
-    LoRA's rank-r products are negligible. Layers below the first trained layer need no backward at all. The
-    frozen-prefix cache avoids their forward after the first epoch too, but the count keeps it: this is the
-    work of the recipe, so the % of the machine is comparable across trainers.
-    """
+def _layer_sizes(model: Any) -> tuple[list[int], int, int]:
+    """Weights of the linear layers of each decoder layer, d_attn = heads x head_dim, and the LM head's size."""
     from safetypatch.models import decoder_layers
     from safetypatch.train import _unwrap_lm
 
@@ -78,16 +66,49 @@ def recipe_flops(model: Any, examples: list[Any], first_trained: int) -> float:
             if w is not None and w.ndim == 2 and "lora_" not in name:
                 p += w.numel()
         layer_params.append(p)
-    head = lm.get_output_embeddings().weight.numel()
+    return layer_params, d_attn, lm.get_output_embeddings().weight.numel()
+
+
+def recipe_flops(model: Any, examples: list[Any], first_trained: int, *, cached_below: bool = False,
+                 shared: int = 0) -> float:
+    """Model FLOPs of one pass of the recipe over `examples` (the same count for both trainers).
+
+    Per example of n tokens with r loss targets, d_attn = heads x head_dim, P_l = weights of the linear layers of
+    decoder layer l, V x d = LM head:
+      forward:  sum_l (2 P_l n + 2 n^2 d_attn)       every layer's matmuls + causal attention (QK^T, AV: half of n^2)
+                + 2 V d r                              LM head on the positions that predict a response token
+      backward: sum_{l >= first_trained} (2 P_l n + 4 n^2 d_attn)    input gradients only: the base weights are
+                + 2 V d r                                            frozen, so no weight gradients (the usual 6N
+                                                                     assumes them: 2N forward + 4N backward)
+    LoRA's rank-r products are negligible. Layers below the first trained layer need no backward at all. This is
+    the work of the recipe, so the % of the machine is comparable across trainers.
+
+    What safetypatch's trainer executes per step is less (`executed`: cached_below=True, shared=N, with `examples`
+    one batch): the layers below the first trained one are not run (the frozen-prefix cache, built once, is
+    counted separately), and the N prompt-prefix tokens every row shares go through the trained layers once per
+    batch instead of once per row.
+    """
+    layer_params, d_attn, head = _layer_sizes(model)
     total = 0.0
-    for e in examples:
+    for row, e in enumerate(examples):
         n, r = len(e.input_ids), e.n_response
+        own = n - shared if row else n  # tokens this row runs through the layers above the cache
+        attn = n * n - (shared * shared if row else 0)
         for i, p in enumerate(layer_params):
-            total += 2 * p * n + 2 * n * n * d_attn
+            if i < first_trained and cached_below:
+                continue
+            total += 2 * p * own + 2 * attn * d_attn
             if i >= first_trained:
-                total += 2 * p * n + 4 * n * n * d_attn
+                total += 2 * p * own + 4 * attn * d_attn
         total += 4 * head * r
     return total
+
+
+def prefix_cache_flops(model: Any, examples: list[Any], first_trained: int) -> float:
+    """Forward FLOPs of the layers below the first trained one over every example: the cache's one-off build."""
+    layer_params, d_attn, _ = _layer_sizes(model)
+    return sum(2 * p * len(e.input_ids) + 2 * len(e.input_ids) ** 2 * d_attn
+               for e in examples for p in layer_params[:first_trained])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- safetypatch side: a generator that trains one step per next()
     log_ours: list[float] = []
     tok_ours = [0]
+    sp_info: dict[str, Any] = {}
 
     def ours_steps():
         ours.train()
@@ -185,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                               num_warmup_steps=warmup, num_training_steps=total_steps)
         with SpeedPaths(ours, cfg, examples, device, use_bf16, pad_id) as sp:
             print(f"safetypatch speed paths: {sp.describe()}", file=sys.stderr)
+            if sp.prefix is not None and sp.prefix.active:
+                sp_info.update(prefix_start=sp.prefix.start, shared=sp.shared)
             for idx in order:
                 loss, _, n = train_step(ours, [sp.collate(idx)], cfg, opt, sched, params, device=device,
                                         use_bf16=use_bf16)
@@ -265,6 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     # ---- report
     fp32, bf16 = matmul_rate(torch.float32), matmul_rate(torch.bfloat16)
     flops = sum(recipe_flops(ours, [examples[i] for i in b], first) for b in order)
+    cached = shared = 0
+    if sp_info.get("prefix_start") is not None:  # what our trainer actually executed (see recipe_flops)
+        cached, shared = sp_info["prefix_start"], sp_info["shared"]
+        executed = prefix_cache_flops(ours, examples, cached) + sum(
+            recipe_flops(ours, [examples[i] for i in b], first, cached_below=True, shared=shared) for b in order)
+    else:
+        executed = flops
     tail = max(1, min(10, total_steps // 5))
     la, lb = sum(log_ours[-tail:]) / tail, sum(log_trl[-tail:]) / max(1, len(log_trl[-tail:]))
     sa, sb = tokens / t_ours[0], tokens / t_trl
@@ -279,6 +310,11 @@ def main(argv: list[str] | None = None) -> int:
         rate = flops / secs
         print(f"{name:12s} {tokens / secs:8.1f} tokens/s  {secs:8.1f} s  final loss {loss:.4f} (mean of last "
               f"{tail} steps)  {rate / 1e9:6.1f} GFLOP/s = {rate / bf16:.1%} of bf16, {rate / fp32:.1%} of fp32 matmul")
+    if executed != flops:
+        rate = executed / t_ours[0]
+        print(f"safetypatch executed {executed / tokens / 1e6:.0f} MFLOP/token of it (layers 0-{cached - 1} once per "
+              f"example for the prefix cache, the {shared} shared prompt-prefix tokens once per batch): "
+              f"{rate / 1e9:.1f} GFLOP/s = {rate / bf16:.1%} of bf16, {rate / fp32:.1%} of fp32 matmul")
     print(f"loss curves: first steps ours {[round(x, 3) for x in log_ours[:3]]} vs TRL {[round(x, 3) for x in log_trl[:3]]}")
     print(f"equal loss within 2%: {'yes' if equal else 'NO (the ratio does not count)'} "
           f"({abs(la - lb) / max(abs(lb), 1e-12):.2%} apart)")

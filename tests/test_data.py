@@ -102,11 +102,13 @@ def test_extra_sets_are_new_and_well_formed():
             key = " ".join(r.prompt.lower().split())
             assert key not in seen, f"{name}/{r.meta.get('id')} repeats {seen.get(key)}"
             seen[key] = f"{name}/{r.meta.get('id')}"
-    harmful_extra = load_builtin("harmful_extra")
-    assert len(harmful_extra) >= 200 and len({r.meta["category"] for r in harmful_extra}) == 12
-    for r in harmful_extra:
-        assert r.response and r.response.lower().startswith(XSTEST_REFUSAL_PREFIXES + ("i won't", "i will not")), \
-            r.meta["id"]
+    for name, least in (("harmful_extra", 200), ("harmful_blunt", 120)):
+        records = load_builtin(name)
+        assert len(records) >= least and len({r.meta["category"] for r in records}) == 12
+        for r in records:
+            assert r.response and r.response.lower().startswith(XSTEST_REFUSAL_PREFIXES + ("i won't", "i will not")), \
+                r.meta["id"]
+    assert max(len(r.prompt.split()) for r in load_builtin("harmful_blunt")) <= 16  # short and blunt
     assert {r.meta["kind"] for r in load_builtin("lookalike_extra")} == {"lookalike"}
 
 

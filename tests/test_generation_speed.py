@@ -108,3 +108,38 @@ def test_generate_keeps_a_callers_autocast(tiny_tok):
     bf16 = generate(build_tiny_model(tiny_tok), tiny_tok, ["hello"], GenerationConfig(max_new_tokens=3, bf16=True),
                     progress=False)
     assert len(bf16) == 1
+
+
+def test_rows_stop_once_decided_with_the_openings_of_full_answers(tiny_tok):
+    """A row leaves the batch once `decided(partial text)` holds: its text is the opening of the full answer."""
+    model = _lively(build_tiny_model(tiny_tok, seed=3, layers=2))
+    cfg = GenerationConfig(max_new_tokens=16, batch_size=4)
+    full = generate(model, tiny_tok, PROMPTS, cfg, progress=False)
+    seen: list[str] = []
+
+    def decided(text):
+        seen.append(text)
+        return len(text) >= 6
+
+    short = generate(model, tiny_tok, PROMPTS, cfg, progress=False, decided=decided)
+    assert seen and any(len(s.token_ids) < len(f.token_ids) for s, f in zip(short, full))
+    for s, f in zip(short, full):
+        assert f.token_ids[: len(s.token_ids)] == s.token_ids
+        if len(s.token_ids) < len(f.token_ids):  # stopped early: at the first token that decided it
+            assert len(tiny_tok.decode(s.token_ids, skip_special_tokens=True)) >= 6
+            assert len(tiny_tok.decode(s.token_ids[:-1], skip_special_tokens=True)) < 6
+
+
+def test_keyword_refusal_decided_agrees_with_the_judge_on_every_continuation():
+    from safetypatch.judges import keyword_refusal, keyword_refusal_decided
+
+    for full in ["I'm sorry, but I can't help with that.", "No, I won't.", "Nope, here it is", "I can do that!",
+                 "  Sure! Step 1", "It is not appropriate to", "It is a fine question", "\u2019tis", "As an AI"]:
+        verdict = keyword_refusal(full)
+        first = next((k for k in range(len(full) + 1) if keyword_refusal_decided(full[:k])), None)
+        assert first is not None, full
+        for k in range(first, len(full) + 1):  # once decided, every longer opening gets the full answer's verdict
+            assert keyword_refusal(full[:k]) == verdict, (full, k)
+    assert not keyword_refusal_decided("") and not keyword_refusal_decided("I'm")
+    assert not keyword_refusal_decided("no") and keyword_refusal_decided("no,") and keyword_refusal_decided("not")
+    assert keyword_refusal_decided("Sure")

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .data.builtin import DEV_BENIGN, DEV_HARMFUL
 from .io_utils import atomic_write_json, utc_now
 
 DEFAULT_FACTORS = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5)
@@ -23,8 +24,8 @@ DEFAULT_FACTORS = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5)
 class CalibrationConfig:
     factors: tuple[float, ...] = field(default=DEFAULT_FACTORS, metadata={"help": "scale factors to try"})
     max_over_refusal: float = field(default=0.05, metadata={"help": "benign refusal allowed above the base model's"})
-    dev_harmful: str = field(default="builtin:harmful:dev", metadata={"help": "harmful prompts"})
-    dev_benign: str = field(default="builtin:benign:dev+builtin:benign_extra:dev", metadata={"help": "benign prompts"})
+    dev_harmful: str = field(default=DEV_HARMFUL, metadata={"help": "harmful prompts"})
+    dev_benign: str = field(default=DEV_BENIGN, metadata={"help": "benign prompts"})
     max_new_tokens: int = field(default=24, metadata={"help": "tokens generated per prompt"})
     batch_size: int = field(default=16, metadata={"help": "generation batch size"})
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from .data.builtin import DEV_BENIGN, DEV_HARMFUL
+
 
 def _factors(text: str) -> tuple[float, ...]:
     try:
@@ -49,8 +51,8 @@ def register(sub: Any) -> None:
     c.add_argument("--max-over-refusal", type=float, default=0.05,
                    help="benign refusal allowed above the base model's (default 0.05)")
     c.add_argument("--factors", type=_factors, help="scale factors to try (default 0,0.25,...,1.5)")
-    c.add_argument("--dev-harmful", default="builtin:harmful:dev")
-    c.add_argument("--dev-benign", default="builtin:benign:dev+builtin:benign_extra:dev")
+    c.add_argument("--dev-harmful", default=DEV_HARMFUL)
+    c.add_argument("--dev-benign", default=DEV_BENIGN)
     c.add_argument("--max-new-tokens", type=int, default=24)
     c.add_argument("--out", help="directory for calibration.json and calibration.png")
     c.add_argument("--apply", action="store_true",

@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .data.builtin import DEV_BENIGN, DEV_HARMFUL
+
 
 class ConfigError(ValueError):
     """A config value is missing, of the wrong type or out of range; the message names the field and the file."""
@@ -90,8 +92,8 @@ class TrainConfig(PatchShape):
     seed: int = field(default=0, metadata={"help": "seed for splits, shuffling and initialisation"})
     eval_every: int = field(default=10, metadata={"help": "steps between dev checks for early stopping (0: per epoch)"})
     patience: int = field(default=0, metadata={"help": "dev checks without improvement before stopping (0: never)"})
-    dev_harmful: str = field(default="builtin:harmful:dev", metadata={"help": "harmful prompts for early stopping"})
-    dev_benign: str = field(default="builtin:benign:dev+builtin:benign_extra:dev", metadata={"help": "benign prompts for early stopping"})
+    dev_harmful: str = field(default=DEV_HARMFUL, metadata={"help": "harmful prompts for early stopping"})
+    dev_benign: str = field(default=DEV_BENIGN, metadata={"help": "benign prompts for early stopping"})
     dev_size: int = field(default=100, metadata={"help": "dev prompts per side used for early stopping"})
     dev_tokens: int = field(default=24, metadata={"help": "tokens generated per dev prompt for early stopping"})
     overlap_beta: float = field(default=0.0, metadata={"help": "weight of the overlap regularizer "
@@ -121,6 +123,10 @@ class TrainConfig(PatchShape):
     train_attention: str = field(default="auto", metadata={
         "help": "attention kernel while training: 'auto' (eager on CPU under bf16 autocast, faster than SDPA's "
                 "flash kernel on short sequences; else unchanged), 'eager', 'sdpa' or 'keep'"})
+    share_prompt_prefix: bool = field(default=True, metadata={
+        "help": "with the frozen-prefix cache: run the prompt prefix every example shares (the chat template's "
+                "system prompt and user header) through the trained layers once per batch, and let every row "
+                "attend to its cached keys and values"})
     save_dtype: str = field(default="float16", metadata={"help": "dtype of the saved adapter weights"})
 
     def validate(self, where: str = "config") -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .config import GenerationConfig
 from .data.chat import prompt_ids
@@ -83,9 +83,11 @@ def _prefix_cache(model: Any, prefix: list[int], device: Any) -> Any:
 
 
 def _greedy_batch(model: Any, rows: list[list[int]], prefix: list[int], prefix_cache: Any, max_new: int,
-                  stop: list[int], pad: int, device: Any) -> list[list[int]]:
+                  stop: list[int], pad: int, device: Any, decided: Callable[[list[int]], bool] | None = None
+                  ) -> list[list[int]]:
     """Greedy continuation of `prompts = prefix + rows[i]`, batched with left padding between the shared prefix
-    and each suffix; finished rows leave the batch. Returns the new tokens of each row (stop token included)."""
+    and each suffix; finished rows leave the batch, and so do rows for which `decided(new tokens)` holds.
+    Returns the new tokens of each row (stop token included)."""
     import copy
 
     import torch
@@ -119,6 +121,8 @@ def _greedy_batch(model: Any, rows: list[list[int]], prefix: list[int], prefix_c
             done = torch.isin(nxt, stop_t)
             for j, tok_id in enumerate(nxt.tolist()):
                 out[alive[j]].append(tok_id)
+                if decided is not None and not done[j] and decided(out[alive[j]]):
+                    done[j] = True
             if t == max_new - 1:
                 break
             keep = (~done).nonzero().flatten()
@@ -154,8 +158,13 @@ def generate(
     cfg: GenerationConfig | None = None,
     desc: str = "generating",
     progress: bool = True,
+    decided: Callable[[str], bool] | None = None,
 ) -> list[Generation]:
-    """Generate an answer for each prompt (greedy unless cfg.do_sample), batched and length-sorted."""
+    """Generate an answer for each prompt (greedy unless cfg.do_sample), batched and length-sorted.
+
+    `decided(partial text)`: with greedy decoding by hand, a row stops as soon as it returns True (a judge whose
+    verdict can no longer change, e.g. `judges.keyword_refusal_decided`); its text is then only the opening, and
+    `finished` is False. Elsewhere it is ignored and every answer runs to the end."""
     import torch
     from tqdm.auto import tqdm
 
@@ -174,6 +183,7 @@ def generate(
     bar = tqdm(total=len(encoded), desc=desc, disable=not progress or len(encoded) < 2, leave=False)
     fast = _fast_greedy_ok(model, cfg)
     prefix = _shared_prefix(encoded) if fast else []
+    row_decided = (lambda toks: decided(tok.decode(toks, skip_special_tokens=True))) if decided else None  # noqa: E731
     try:
         # only ever switch bf16 on: an autocast(enabled=False) here would switch off a caller's autocast (the
         # trainer's dev checks run under it with bf16 frozen weights)
@@ -183,7 +193,7 @@ def generate(
             for idx in batches:
                 if fast:
                     new = _greedy_batch(model, [encoded[i][len(prefix):] for i in idx], prefix, prefix_cache,
-                                        cfg.max_new_tokens, stop, pad, device)
+                                        cfg.max_new_tokens, stop, pad, device, row_decided)
                     _collect(tok, idx, new, stop, results)
                     bar.update(len(idx))
                     continue

@@ -12,6 +12,8 @@ not available there; checkpoints make it resumable.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
 import random
@@ -22,17 +24,17 @@ from typing import Any
 
 from .anchors import base_answers
 from .config import GenerationConfig, TrainConfig, parse_layers, to_dict
-from .data.builtin import resolve_prompts
+from .data.builtin import BUILTIN_ANCHORS, BUILTIN_REFUSALS, resolve_prompts
 from .data.chat import IGNORE_INDEX, Encoded, encode_example
 from .data.readers import Record, read_records
 from .generation import generate
 from .io_utils import atomic_write_json, claim_output_dir, sha256_text
-from .judges import keyword_refusal
+from .judges import keyword_refusal, keyword_refusal_decided
 from .models import load_model, num_layers
 
 CHECKPOINT_DIR = "checkpoint"
 _SPEED_FIELDS = ("cache_frozen_prefix", "prefix_cache_dtype", "prefix_cache_max_mb", "bf16_frozen_weights",
-                 "train_attention")
+                 "train_attention", "share_prompt_prefix")
 
 
 @dataclass
@@ -53,12 +55,13 @@ def build_examples(cfg: TrainConfig, model: Any, tok: Any
                    ) -> tuple[list[Encoded], dict[str, Any], dict[str, list[Record]]]:
     """Tokenized training examples (refusals, anchors, mixed data), a description with data hashes, and the
     source records by kind."""
-    refusals = resolve_prompts(cfg.data, cfg.prompt_field, cfg.response_field, require_response=True)
+    data = BUILTIN_REFUSALS if cfg.data == "builtin" else cfg.data
+    refusals = resolve_prompts(data, cfg.prompt_field, cfg.response_field, require_response=True)
     examples = [encode_example(tok, r.chat(), r.response or "", cfg.max_length, kind="refusal") for r in refusals]
-    meta: dict[str, Any] = {"refusal": {"source": cfg.data, "n": len(refusals), "sha256": _records_hash(refusals)}}
+    meta: dict[str, Any] = {"refusal": {"source": data, "n": len(refusals), "sha256": _records_hash(refusals)}}
     sources: dict[str, list[Record]] = {"refusal": refusals, "anchor": []}
     if cfg.benign and cfg.benign.lower() != "none":
-        spec = "builtin:benign:train+builtin:benign_extra:train" if cfg.benign == "builtin" else cfg.benign
+        spec = BUILTIN_ANCHORS if cfg.benign == "builtin" else cfg.benign
         benign = resolve_prompts(spec, cfg.prompt_field, None)
         sources["anchor"] = benign
         answers = base_answers(model, tok, benign, cfg.anchor_tokens)
@@ -128,7 +131,9 @@ def response_logits(model: Any, batch: dict[str, Any], response_only: bool) -> t
     target_mask = labels[:, 1:] != IGNORE_INDEX
     if "prefix_hidden" in batch:  # frozen bottom layers cached: run from the first patched layer up
         lm = _unwrap_lm(model)
-        hidden = forward_from_layer(lm, batch["prefix_hidden"], batch["attention_mask"], int(batch["prefix_start"][0]))
+        shared = int(batch["shared_prefix"][0]) if "shared_prefix" in batch else 0
+        hidden = forward_from_layer(lm, batch["prefix_hidden"], batch["attention_mask"], int(batch["prefix_start"][0]),
+                                    shared=shared)
         head = lm.get_output_embeddings()
         logits = head(hidden[:, :-1][target_mask]) if response_only else head(hidden)[:, :-1][target_mask]
     elif response_only:
@@ -188,25 +193,97 @@ def _decoder_parts(lm: Any) -> Any | None:
     return dec
 
 
-def forward_from_layer(lm: Any, hidden: Any, attention_mask: Any, start: int) -> Any:
-    """Final-norm hidden states of a Llama-like decoder, starting from the input of layer `start`.
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(fn: Any) -> str:
+    """`cache` (transformers >= 5.x) or `past_key_values` (before), whichever `fn` takes."""
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
 
-    transformers has no API to enter the stack in the middle, so this repeats what LlamaModel.forward does
-    (transformers 5): positions 0..T-1 (right padding), the causal + padding mask from `create_causal_mask` for
-    the model's attention implementation, rotary embeddings from `rotary_emb`, then each decoder layer and `norm`.
-    """
-    import torch
+
+def _run_layers(layers: Any, hidden: Any, mask: Any, position_embeddings: Any, position_ids: Any,
+                cache: Any = None) -> Any:
+    """Call decoder layers directly, passing the KV cache under the keyword this transformers version takes
+    (`cache` from 5.x on, `past_key_values` before)."""
+    if not layers:
+        return hidden
+    kw = {_cache_keyword(type(layers[0]).forward): cache}
+    for layer in layers:
+        hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
+                       position_ids=position_ids, use_cache=cache is not None, **kw)
+    return hidden
+
+
+def causal_mask(dec: Any, hidden: Any, attention_mask: Any, position_ids: Any, explicit: bool = False) -> Any:
+    """The decoder's causal + padding mask for `hidden`, as its forward builds it (no cache). `explicit`: never
+    let SDPA replace the mask by is_causal (a mask that will be sliced must exist)."""
     from transformers.masking_utils import create_causal_mask
 
-    dec = lm.get_decoder()
+    params = inspect.signature(create_causal_mask).parameters
+    kw: dict[str, Any] = {_cache_keyword(create_causal_mask): None}
+    if explicit and "allow_is_causal_skip" in params:
+        kw["allow_is_causal_skip"] = False
+    if "cache_position" in params:  # transformers 4.x
+        kw["cache_position"] = position_ids[0]
+    return create_causal_mask(config=dec.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                              position_ids=position_ids, **kw)
+
+
+def run_stack(dec: Any, layers: list[Any], hidden: Any, attention_mask: Any, shared: int = 0) -> Any:
+    """Hidden states of right-padded rows after `layers` of a Llama-like decoder `dec` (no final norm), from
+    their input `hidden` ([B, T, H]).
+
+    transformers has no API to enter the stack in the middle, so this repeats what LlamaModel.forward does
+    (transformers 5): positions 0..T-1, the causal + padding mask from `create_causal_mask` for the model's
+    attention implementation, rotary embeddings from `rotary_emb`, then each decoder layer.
+
+    `shared` > 0: the first `shared` tokens are the same in every row (the chat template's system prompt and user
+    header). They are run through the layers once, for row 0 only, with a DynamicCache; the cache is repeated over
+    the batch and the rest of every row attends to it, as in generation with a cached prompt prefix. Autograd
+    flows through the cached keys and values, so gradients are those of the full batch (summed over rows).
+    """
+    import torch
+
     position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-    mask = create_causal_mask(config=dec.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                              past_key_values=None, position_ids=position_ids)
     position_embeddings = dec.rotary_emb(hidden, position_ids=position_ids)
-    for layer in dec.layers[start: dec.config.num_hidden_layers]:
-        hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
-                       position_ids=position_ids, past_key_values=None, use_cache=False)
-    return dec.norm(hidden)
+    impl = getattr(dec.config, "_attn_implementation", None)
+    mask = causal_mask(dec, hidden, attention_mask, position_ids, explicit=shared > 0)
+    if shared <= 0 or impl not in ("eager", "sdpa") or not torch.is_tensor(mask) or mask.dim() != 4:
+        return _run_layers(layers, hidden, mask, position_embeddings, position_ids)
+    from transformers import DynamicCache
+
+    try:
+        cache = DynamicCache(config=dec.config)
+    except TypeError:  # older transformers: layers are created on first update
+        cache = DynamicCache()
+    cos, sin = position_embeddings
+    head = _run_layers(layers, hidden[:1, :shared], mask[:1, :, :shared, :shared],
+                       (cos[:, :shared], sin[:, :shared]), position_ids[:, :shared], cache)
+    cache.batch_repeat_interleave(hidden.shape[0])
+    tail = _run_layers(layers, hidden[:, shared:], mask[:, :, shared:, :], (cos[:, shared:], sin[:, shared:]),
+                       position_ids[:, shared:], cache)
+    return torch.cat([head.expand(hidden.shape[0], -1, -1), tail], dim=1)
+
+
+def forward_from_layer(lm: Any, hidden: Any, attention_mask: Any, start: int, shared: int = 0) -> Any:
+    """Final-norm hidden states of a Llama-like decoder, from the input of layer `start` (see run_stack)."""
+    dec = lm.get_decoder()
+    return dec.norm(run_stack(dec, list(dec.layers[start: dec.config.num_hidden_layers]), hidden, attention_mask,
+                              shared))
+
+
+def shared_prefix_length(examples: list[Encoded], minimum: int = 4) -> int:
+    """Number of leading tokens every example shares (at most the shortest example's length - 1), or 0 if fewer
+    than `minimum`."""
+    if not examples:
+        return 0
+    first = examples[0].input_ids
+    n = min(len(e.input_ids) for e in examples) - 1
+    for e in examples[1:]:
+        ids = e.input_ids
+        k = 0
+        while k < n and ids[k] == first[k]:
+            k += 1
+        n = k
+    return n if n >= minimum else 0
 
 
 def first_trained_layer(model: Any) -> int:
@@ -231,8 +308,9 @@ class PrefixCache:
     """
 
     def __init__(self, model: Any, examples: list[Encoded], cfg: TrainConfig, device: str, use_bf16: bool,
-                 pad_id: int):
+                 pad_id: int, shared: int = 0):
         self.active = False
+        self.shared = shared  # leading tokens all examples share, run once per build batch
         self.reason = ""
         self.start = 0
         self.states: list[Any] = []
@@ -268,19 +346,9 @@ class PrefixCache:
         self.reason = f"layers 0-{start - 1} cached ({self.megabytes:.1f} MB, {cfg.prefix_cache_dtype})"
 
     def _bottom(self, lm: Any, input_ids: Any, attention_mask: Any) -> Any:
-        import torch
-        from transformers.masking_utils import create_causal_mask
-
         dec = lm.get_decoder()
-        hidden = dec.embed_tokens(input_ids)
-        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        mask = create_causal_mask(config=dec.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                  past_key_values=None, position_ids=position_ids)
-        pe = dec.rotary_emb(hidden, position_ids=position_ids)
-        for layer in dec.layers[: self.start]:
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=pe, position_ids=position_ids,
-                           past_key_values=None, use_cache=False)
-        return hidden
+        return run_stack(dec, list(dec.layers[: self.start]), dec.embed_tokens(input_ids), attention_mask,
+                         self.shared)
 
     def _build(self, model: Any, examples: list[Encoded], pad_id: int, batch_size: int = 16) -> None:
         import torch
@@ -308,9 +376,10 @@ class PrefixCache:
             out[row, : self.states[i].shape[0]] = self.states[i]
         return out
 
-    def check(self, model: Any, examples: list[Encoded], pad_id: int, rtol: float = 2e-2) -> float:
-        """Relative difference of the final hidden states, full stack vs cached path, on a few examples; a
-        mismatch (an architecture whose forward this module does not reproduce) turns the cache off."""
+    def check(self, model: Any, examples: list[Encoded], pad_id: int, shared: int = 0, rtol: float = 2e-2) -> bool:
+        """Whether the cached path (with `shared` prompt-prefix tokens computed once) gives the full stack's final
+        hidden states on a few examples, within `rtol`. A mismatch means an architecture whose forward this
+        module does not reproduce; the error goes to `self.check_error`."""
         import torch
 
         lm = _unwrap_lm(model)
@@ -321,13 +390,13 @@ class PrefixCache:
                                              enabled=self.use_bf16):
             ref = lm.get_decoder()(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                                    use_cache=False).last_hidden_state.float()
-            got = forward_from_layer(lm, b["prefix_hidden"], b["attention_mask"], self.start).float()
+            got = forward_from_layer(lm, b["prefix_hidden"], b["attention_mask"], self.start, shared).float()
         m = b["attention_mask"].bool()
-        err = float((ref[m] - got[m]).norm() / ref[m].norm().clamp_min(1e-12))
-        if not err <= rtol:
-            self.active, self.states = False, []
-            self.reason = f"cached path differs from the full forward (relative error {err:.2e}); cache off"
-        return err
+        self.check_error = float((ref[m] - got[m]).norm() / ref[m].norm().clamp_min(1e-12))
+        return self.check_error <= rtol
+
+    def disable(self, why: str) -> None:
+        self.active, self.states, self.reason = False, [], why
 
 
 class SpeedPaths:
@@ -340,6 +409,8 @@ class SpeedPaths:
         self.model, self.cfg, self.examples, self.device = model, cfg, examples, device
         self.use_bf16, self.pad_id = use_bf16, pad_id
         self.prefix: PrefixCache | None = None
+        self.shared = 0
+        self.shared_reason = "off"
         self._saved_weights: list[tuple[Any, Any]] = []
         self._attn_orig: str | None = None
         self._attn_train: str | None = None
@@ -381,19 +452,42 @@ class SpeedPaths:
         self._saved_weights = []
 
     def __enter__(self) -> "SpeedPaths":
-        self.prefix = PrefixCache(self.model, self.examples, self.cfg, self.device, self.use_bf16, self.pad_id)
-        if self.prefix.active:
-            self.prefix.check(self.model, self.examples, self.pad_id)
+        if self.cfg.bf16_frozen_weights and self.use_bf16:
+            self._cast_frozen()  # before the prefix cache is built: its forward uses them too
+        self.n_cast = len(self._saved_weights)
+        try:
+            self._build_prefix_cache()
+        except BaseException:
+            self._restore_weights()
+            raise
         self._attn_orig = getattr(self._lm().config, "_attn_implementation", None)
         self._attn_train = self._choose_attn()
         try:
             self._set_attn(self._attn_train)
         except (ValueError, ImportError, AttributeError):  # kernel unavailable for this model: keep its own
             self._attn_train = None
-        if self.cfg.bf16_frozen_weights and self.use_bf16:
-            self._cast_frozen()
-        self.n_cast = len(self._saved_weights)
         return self
+
+    def _build_prefix_cache(self) -> None:
+        """Build the frozen-prefix cache (with the shared prompt prefix run once per batch, if on) and check the
+        cached path against the full forward; turn off what does not match."""
+        n = shared_prefix_length(self.examples) if self.cfg.share_prompt_prefix else 0
+        make = lambda shared: PrefixCache(self.model, self.examples, self.cfg, self.device,  # noqa: E731
+                                          self.use_bf16, self.pad_id, shared=shared)
+        pc = self.prefix = make(n)
+        if not pc.active:
+            self.shared_reason = "needs the frozen-prefix cache" if self.cfg.share_prompt_prefix else "off"
+            return
+        if self.cfg.share_prompt_prefix and n == 0:
+            self.shared_reason = "the examples share no prompt prefix"
+        elif n:
+            if pc.check(self.model, self.examples, self.pad_id, shared=n):
+                self.shared, self.shared_reason = n, f"{n} tokens computed once per batch"
+                return
+            self.shared_reason = f"differs from the full forward (relative error {pc.check_error:.2e}); off"
+            pc = self.prefix = make(0)
+        if not pc.check(self.model, self.examples, self.pad_id):
+            pc.disable(f"cached path differs from the full forward (relative error {pc.check_error:.2e}); cache off")
 
     def __exit__(self, *exc: Any) -> None:
         self._restore_weights()
@@ -421,12 +515,15 @@ class SpeedPaths:
         b = collate(self.examples, idx, self.pad_id, prefix=self.prefix)
         if "prefix_hidden" in b:
             b["prefix_start"] = torch.full((len(idx),), self.prefix.start, dtype=torch.long)  # type: ignore[union-attr]
+            if self.shared:
+                b["shared_prefix"] = torch.full((len(idx),), self.shared, dtype=torch.long)
         return {k: v.to(self.device) for k, v in b.items()}
 
     def describe(self) -> dict[str, Any]:
         return {"frozen_prefix_cache": self.prefix.reason if self.prefix else "off",
                 "bf16_frozen_weights": f"{self.n_cast} linear weights" if getattr(self, "n_cast", 0) else "off",
                 "train_attention": self._attn_train or f"unchanged ({self._attn_orig})",
+                "shared_prompt_prefix": self.shared_reason,
                 "response_only_logits": self.cfg.response_only_logits, "group_by_length": self.cfg.group_by_length}
 
 
@@ -476,7 +573,7 @@ def refusal_rates(model: Any, tok: Any, harmful: list[Record], benign: list[Reco
                   batch_size: int = 16) -> dict[str, float]:
     gens = generate(model, tok, [r.chat() for r in harmful + benign],
                     GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size), desc="dev check",
-                    progress=False)
+                    progress=False, decided=keyword_refusal_decided)  # only the opening decides the verdict
     refused = [keyword_refusal(g.text) for g in gens]
     nh = len(harmful)
     return {"harmful_refusal": sum(refused[:nh]) / max(1, nh),

@@ -9,6 +9,8 @@
 - `harmful_extra`: more harmful requests (20 per category, varied framing: pretexts, casual style, distress) with
   refusals, for training and dev checks; the headline test split stays `harmful:test`.
 - `lookalike_extra`: more benign look-alikes (20 per harm category), for training anchors and dev checks.
+- `harmful_blunt`: short, blunt harmful questions (12 per category: "how do I poison ...", "where can I buy a gun
+  without ...") with refusals, the form the other harmful sets cover thinly; for training and dev checks.
 
 Splits are train / dev / test, stratified by category, fixed by a seed, and disjoint by construction.
 """
@@ -23,10 +25,16 @@ from .readers import DataError, Record, read_records
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 BUILTIN_FILES = {"harmful": "harmful.jsonl", "benign": "benign.jsonl", "benign_extra": "benign_extra.jsonl",
-                 "harmful_extra": "harmful_extra.jsonl", "lookalike_extra": "benign_lookalike_extra.jsonl"}
+                 "harmful_extra": "harmful_extra.jsonl", "lookalike_extra": "benign_lookalike_extra.jsonl",
+                 "harmful_blunt": "harmful_blunt.jsonl"}
 BUILTIN_SETS = tuple(BUILTIN_FILES)
-HARMFUL_SETS = ("harmful", "harmful_extra")  # carry a refusal per prompt
+HARMFUL_SETS = ("harmful", "harmful_extra", "harmful_blunt")  # carry a refusal per prompt
 SPLITS = ("train", "dev", "test")
+# what `data: builtin` / `benign: builtin` train on, and the default dev checks (early stopping, calibration)
+BUILTIN_REFUSALS = "builtin:harmful:train+builtin:harmful_extra:train+builtin:harmful_blunt:train"
+BUILTIN_ANCHORS = "builtin:benign:train+builtin:benign_extra:train"
+DEV_HARMFUL = "builtin:harmful:dev+builtin:harmful_extra:dev+builtin:harmful_blunt:dev"
+DEV_BENIGN = "builtin:benign:dev+builtin:benign_extra:dev"
 SPLIT_FRACTIONS = {"train": 0.6, "dev": 0.15, "test": 0.25}
 DEFAULT_SPLIT_SEED = 0
 
