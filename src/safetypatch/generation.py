@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from .config import GenerationConfig
-from .data.chat import prompt_ids
+from .data.chat import common_prefix_length, prompt_ids
 
 Chat = list[dict[str, str]]
 
@@ -62,14 +62,8 @@ def _fast_greedy_ok(model: Any, cfg: GenerationConfig) -> bool:
 
 
 def _shared_prefix(encoded: list[list[int]]) -> list[int]:
-    """Longest token prefix common to all prompts, leaving at least one token of each prompt outside it."""
-    if len(encoded) < 2:
-        return []
-    first, n = encoded[0], min(len(e) for e in encoded) - 1
-    k = 0
-    while k < n and all(e[k] == first[k] for e in encoded):
-        k += 1
-    return first[:k]
+    """Longest token prefix common to all prompts (two or more), leaving at least one token of each outside it."""
+    return encoded[0][: common_prefix_length(encoded)] if len(encoded) >= 2 else []
 
 
 def _prefix_cache(model: Any, prefix: list[int], device: Any) -> Any:

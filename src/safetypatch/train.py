@@ -25,7 +25,7 @@ from typing import Any
 from .anchors import base_answers
 from .config import GenerationConfig, TrainConfig, parse_layers, to_dict
 from .data.builtin import BUILTIN_ANCHORS, BUILTIN_REFUSALS, resolve_prompts
-from .data.chat import IGNORE_INDEX, Encoded, encode_example
+from .data.chat import IGNORE_INDEX, Encoded, common_prefix_length, encode_example
 from .data.readers import Record, read_records
 from .generation import generate
 from .io_utils import atomic_write_json, claim_output_dir, sha256_text
@@ -273,16 +273,7 @@ def forward_from_layer(lm: Any, hidden: Any, attention_mask: Any, start: int, sh
 def shared_prefix_length(examples: list[Encoded], minimum: int = 4) -> int:
     """Number of leading tokens every example shares (at most the shortest example's length - 1), or 0 if fewer
     than `minimum`."""
-    if not examples:
-        return 0
-    first = examples[0].input_ids
-    n = min(len(e.input_ids) for e in examples) - 1
-    for e in examples[1:]:
-        ids = e.input_ids
-        k = 0
-        while k < n and ids[k] == first[k]:
-            k += 1
-        n = k
+    n = common_prefix_length([e.input_ids for e in examples])
     return n if n >= minimum else 0
 
 

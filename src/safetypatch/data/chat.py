@@ -19,6 +19,20 @@ class Encoded:
         return sum(1 for t in self.labels if t != IGNORE_INDEX)
 
 
+def common_prefix_length(seqs: list[list[int]]) -> int:
+    """Length of the longest token prefix all `seqs` share, leaving at least one token of each outside it (the
+    chat template's system prompt and turn header, which generation and training compute once)."""
+    if not seqs:
+        return 0
+    first, n = seqs[0], min(len(s) for s in seqs) - 1
+    for s in seqs[1:]:
+        k = 0
+        while k < n and s[k] == first[k]:
+            k += 1
+        n = k
+    return max(0, n)
+
+
 def _template_ids(tok: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
     out = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
     if isinstance(out, dict) or hasattr(out, "keys"):  # BatchEncoding in newer transformers
