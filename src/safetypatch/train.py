@@ -194,9 +194,14 @@ def _decoder_parts(lm: Any) -> Any | None:
 
 
 @functools.lru_cache(maxsize=None)
+def _params(fn: Any) -> frozenset[str]:
+    """Parameter names of a transformers function (looked up once: these are called every training step)."""
+    return frozenset(inspect.signature(fn).parameters)
+
+
 def _cache_keyword(fn: Any) -> str:
     """`cache` (transformers >= 5.x) or `past_key_values` (before), whichever `fn` takes."""
-    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
+    return "cache" if "cache" in _params(fn) else "past_key_values"
 
 
 def _run_layers(layers: Any, hidden: Any, mask: Any, position_embeddings: Any, position_ids: Any,
@@ -217,7 +222,7 @@ def causal_mask(dec: Any, hidden: Any, attention_mask: Any, position_ids: Any, e
     let SDPA replace the mask by is_causal (a mask that will be sliced must exist)."""
     from transformers.masking_utils import create_causal_mask
 
-    params = inspect.signature(create_causal_mask).parameters
+    params = _params(create_causal_mask)
     kw: dict[str, Any] = {_cache_keyword(create_causal_mask): None}
     if explicit and "allow_is_causal_skip" in params:
         kw["allow_is_causal_skip"] = False
