@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -120,6 +121,20 @@ def default_db_path() -> Path:
     return safetypatch_home() / "results.db"
 
 
+def _while_locked(action: Any) -> Any:
+    """Run `action`, retrying for up to the busy timeout while SQLite answers 'database is locked'. Two processes
+    creating the same fresh database race on switching it to WAL, which can fail at once, without the busy
+    handler (the handler is skipped when waiting could deadlock)."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            return action()
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class ResultsStore:
     """An insert-only SQLite results database (one connection per instance; open one per process)."""
 
@@ -130,20 +145,23 @@ class ResultsStore:
             self.conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
             self.conn.row_factory = sqlite3.Row
             self.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            self.conn.execute("PRAGMA journal_mode = WAL")
+            _while_locked(lambda: self.conn.execute("PRAGMA journal_mode = WAL"))
             self.conn.execute("PRAGMA foreign_keys = ON")
-            with self._transaction():
-                for stmt in (_SCHEMA + _TRIGGERS).split(";\n"):  # executescript would COMMIT on its own
-                    if stmt.strip():
-                        self.conn.execute(stmt)
-                if self.conn.execute("SELECT COUNT(*) FROM schema_info").fetchone()[0] == 0:
-                    self.conn.execute("INSERT INTO schema_info(version) VALUES (?)", (SCHEMA_VERSION,))
+            _while_locked(self._create_schema)
             version = self.conn.execute("SELECT MAX(version) FROM schema_info").fetchone()[0]
         except sqlite3.DatabaseError as e:
             raise StoreError(f"{self.path}: not a usable results database ({e})") from None
         if version > SCHEMA_VERSION:
             self.conn.close()
             raise StoreError(f"{self.path}: written by a newer safetypatch (schema {version} > {SCHEMA_VERSION})")
+
+    def _create_schema(self) -> None:
+        with self._transaction():
+            for stmt in (_SCHEMA + _TRIGGERS).split(";\n"):  # executescript would COMMIT on its own
+                if stmt.strip():
+                    self.conn.execute(stmt)
+            if self.conn.execute("SELECT COUNT(*) FROM schema_info").fetchone()[0] == 0:
+                self.conn.execute("INSERT INTO schema_info(version) VALUES (?)", (SCHEMA_VERSION,))
 
     # ------------------------------------------------------------------------------------------ writing
     def _transaction(self) -> "_Tx":
