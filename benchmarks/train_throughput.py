@@ -69,7 +69,8 @@ def _layer_sizes(model: Any) -> tuple[list[int], int, int]:
     return layer_params, d_attn, lm.get_output_embeddings().weight.numel()
 
 
-def recipe_flops(model: Any, examples: list[Any], first_trained: int, *, cached_below: bool = False,
+def recipe_flops(sizes: tuple[list[int], int, int], examples: list[Any], first_trained: int, *,
+                 cached_below: bool = False,
                  shared: int = 0) -> float:
     """Model FLOPs of one pass of the recipe over `examples` (the same count for both trainers).
 
@@ -88,7 +89,7 @@ def recipe_flops(model: Any, examples: list[Any], first_trained: int, *, cached_
     counted separately), and the N prompt-prefix tokens every row shares go through the trained layers once per
     batch instead of once per row.
     """
-    layer_params, d_attn, head = _layer_sizes(model)
+    layer_params, d_attn, head = sizes  # _layer_sizes(model), computed once by the caller
     total = 0.0
     for row, e in enumerate(examples):
         n, r = len(e.input_ids), e.n_response
@@ -104,9 +105,9 @@ def recipe_flops(model: Any, examples: list[Any], first_trained: int, *, cached_
     return total
 
 
-def prefix_cache_flops(model: Any, examples: list[Any], first_trained: int) -> float:
+def prefix_cache_flops(sizes: tuple[list[int], int, int], examples: list[Any], first_trained: int) -> float:
     """Forward FLOPs of the layers below the first trained one over every example: the cache's one-off build."""
-    layer_params, d_attn, _ = _layer_sizes(model)
+    layer_params, d_attn, _ = sizes
     return sum(2 * p * len(e.input_ids) + 2 * len(e.input_ids) ** 2 * d_attn
                for e in examples for p in layer_params[:first_trained])
 
@@ -288,12 +289,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- report
     fp32, bf16 = matmul_rate(torch.float32), matmul_rate(torch.bfloat16)
-    flops = sum(recipe_flops(ours, [examples[i] for i in b], first) for b in order)
+    sizes = _layer_sizes(ours)
+    flops = sum(recipe_flops(sizes, [examples[i] for i in b], first) for b in order)
     cached = shared = 0
     if sp_info.get("prefix_start") is not None:  # what our trainer actually executed (see recipe_flops)
         cached, shared = sp_info["prefix_start"], sp_info["shared"]
-        executed = prefix_cache_flops(ours, examples, cached) + sum(
-            recipe_flops(ours, [examples[i] for i in b], first, cached_below=True, shared=shared) for b in order)
+        executed = prefix_cache_flops(sizes, examples, cached) + sum(
+            recipe_flops(sizes, [examples[i] for i in b], first, cached_below=True, shared=shared) for b in order)
     else:
         executed = flops
     tail = max(1, min(10, total_steps // 5))
