@@ -50,6 +50,21 @@ def plain_generate(model: Any, tok: Any, prompts: list[Any], batch: int, max_new
     return out
 
 
+def job_flops(model: Any, prompt_lens: list[int], new_lens: list[int], shared: int) -> tuple[float, float]:
+    """Matmul FLOPs of the weights that producing these answers needs at the least: (prefill, decoding).
+
+    Prefill: each prompt's tokens after the shared prefix through every decoder weight (2 FLOPs per weight and
+    token), the LM head on its last position only; the shared prefix once. Decoding: every new token but the
+    last goes through every weight, the LM head included. Attention's QK^T / AV products are left out (at most
+    a few % at these lengths), so this is a lower bound on the work, the same for both sides."""
+    total = sum(p.numel() for p in model.parameters())
+    head = model.get_output_embeddings().weight.numel()
+    body = total - head if model.config.tie_word_embeddings else total - head - model.get_input_embeddings().weight.numel()
+    prefill = 2 * body * (sum(n - shared for n in prompt_lens) + shared) + 2 * head * len(prompt_lens)
+    decode = sum(2 * (body + head) * max(0, n - 1) for n in new_lens)
+    return float(prefill), float(decode)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="default")
@@ -116,6 +131,19 @@ def main(argv: list[str] | None = None) -> int:
     rs, rp = n_tok * args.repeats / t_sp, n_tok * args.repeats / t_plain
     print(f"safetypatch generate  {rs:8.1f} new tokens/s  ({t_sp / args.repeats:.1f} s per pass)")
     print(f"plain model.generate  {rp:8.1f} new tokens/s  ({t_plain / args.repeats:.1f} s per pass)")
+    # how far from the machine's limit: the job's least matmul work at the best large-matmul rate
+    from train_throughput import matmul_rate
+
+    enc = [gm.prompt_ids(tok, gm.as_chat(p)) for p in prompts]
+    pre, dec = job_flops(model, list(map(len, enc)), list(map(len, plain)), len(gm._shared_prefix(enc)))
+    work = pre + dec
+    print(f"work of this job: {work / 1e9:.0f} GFLOP of weight matmuls at the least ({pre / 1e9:.0f} prefill of the "
+          f"prompts after the shared prefix, {dec / 1e9:.0f} decoding; see job_flops)")
+    for name, rate in (("fp32", matmul_rate(torch.float32)), ("bf16", matmul_rate(torch.bfloat16))):
+        floor = work / rate
+        print(f"  at the {name} matmul rate ({rate / 1e9:.0f} GFLOP/s, best 1024^3 torch.matmul): >= {floor:.1f} s "
+              f"per pass = at most {n_tok / floor:.0f} new tokens/s = {t_plain / args.repeats / floor:.2f}x plain; "
+              f"reached: ours {floor / (t_sp / args.repeats):.0%}, plain {floor / (t_plain / args.repeats):.0%}")
     print(f"speedup {rs / rp:.2f}x over plain batched generate ({sum(same)}/{len(same)} outputs identical, "
           f"{sum(verdicts)}/{len(verdicts)} refusal verdicts equal)")
     return 0

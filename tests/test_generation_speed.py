@@ -143,3 +143,32 @@ def test_keyword_refusal_decided_agrees_with_the_judge_on_every_continuation():
     assert not keyword_refusal_decided("") and not keyword_refusal_decided("I'm")
     assert not keyword_refusal_decided("no") and keyword_refusal_decided("no,") and keyword_refusal_decided("not")
     assert keyword_refusal_decided("Sure")
+
+
+def test_growing_cache_layer_holds_what_dynamic_layer_holds():
+    """The hand loop's cache layer: same states as transformers' DynamicLayer through prefill, decoding steps,
+    rows leaving and a base-class method replacing its tensors; decoding steps write into the same storage."""
+    from transformers.cache_utils import DynamicLayer
+
+    torch.manual_seed(0)
+    ref, grown = DynamicLayer(), gen_mod._growing_layer_class()(room=3)
+
+    def step(t, b):
+        k, v = torch.randn(b, 2, t, 4), torch.randn(b, 2, t, 4)
+        for a, bb in zip(ref.update(k, v), grown.update(k, v)):
+            assert torch.equal(a, bb)
+
+    step(5, 4)  # prefill
+    store = grown.k_store.data_ptr()
+    step(1, 4)
+    step(1, 4)
+    assert grown.k_store.data_ptr() == store  # appended in place, no new tensor
+    keep = torch.tensor([0, 2, 3])
+    ref.batch_select_indices(keep)
+    grown.batch_select_indices(keep)
+    step(1, 3)
+    step(1, 3)  # past the room: the storage grows
+    ref.batch_repeat_interleave(2)
+    grown.batch_repeat_interleave(2)  # the base class replaces keys / values: adopted again at the next update
+    step(1, 6)
+    assert grown.get_seq_length() == ref.get_seq_length() == 10

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 
@@ -21,7 +22,7 @@ def test_split_and_pick_round_robin():
     assert [r["attack"] for r in got] == ["x", "y", "x"] and all(not r["refused"] for r in got)
 
 
-def test_two_rounds_on_tiny_model(tiny_tok, tmp_path):
+def test_two_rounds_on_tiny_model(tiny_tok, tmp_path, monkeypatch):
     def jsonl(name, n, **extra):
         p = tmp_path / f"{name}.jsonl"
         p.write_text("".join(json.dumps({"prompt": f"{name} request {i}", **extra}) + "\n" for i in range(n)))
@@ -35,7 +36,8 @@ def test_two_rounds_on_tiny_model(tiny_tok, tmp_path):
     cfg.train = {"rank": 1, "alpha": 4.0, "epochs": 1.0, "batch_size": 2, "anchor_tokens": 4, "max_length": 96,
                  "eval_every": 0, "dev_size": 3, "dev_tokens": 3, "benign": jsonl("anchors", 4),
                  "dev_harmful": jsonl("dev_h", 3), "dev_benign": jsonl("dev_b", 3), "bf16": "no", "save_dtype": "float32"}
-    table = run_redteam(tmp_path / "p0", pool, tmp_path / "rt", cfg=cfg,
+    monkeypatch.chdir(tmp_path)  # paths relative to the working directory, as a user types them
+    table = run_redteam("p0", pool, "rt", cfg=cfg,
                         model_factory=lambda: (build_tiny_model(tiny_tok), tiny_tok), progress=False)
     assert [row["round"] for row in table] == [0, 1, 2]
     assert table[1]["failures_found"] > 0 and (tmp_path / "rt/round-1/failures.jsonl").exists()
@@ -70,6 +72,16 @@ def test_two_rounds_on_tiny_model(tiny_tok, tmp_path):
     again = run_redteam(tmp_path / "p0", pool, tmp_path / "rt", cfg=cfg,
                         model_factory=lambda: (build_tiny_model(tiny_tok), tiny_tok), progress=False)
     assert again == table
+    # an interrupted run resumes from another working directory: round.json paths are relative to the run
+    assert json.loads((tmp_path / "rt/round-1/round.json").read_text())["stack"] == "round-1/stack"
+    shutil.rmtree(tmp_path / "rt/round-2")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    resumed = run_redteam("../p0", pool, "../rt", cfg=cfg,
+                          model_factory=lambda: (build_tiny_model(tiny_tok), tiny_tok), progress=False)
+    assert resumed[:2] == table[:2] and resumed[2]["parts"] == table[2]["parts"]
+    assert verify_files(tmp_path / "rt/round-2/train/patch")["base_model"]["trained_on_stack"] == str(
+        tmp_path / "rt/round-1/stack")
     # a different run in the same directory is refused, not mixed in
     other = RedteamConfig(**{**cfg.__dict__, "per_round": 2})
     with pytest.raises(ConfigError, match="per_round"):

@@ -209,6 +209,22 @@ def _claim_run(out: Path, plan: dict[str, Any]) -> None:
         atomic_write_json(plan_file, plan)
 
 
+def _stored_path(p: Path, out: Path) -> str:
+    """How round.json records a path: relative to the run directory when inside it (the run can be moved, and
+    resumed from any working directory), absolute otherwise."""
+    p = p.resolve()
+    return str(p.relative_to(out)) if p.is_relative_to(out) else str(p)
+
+
+def _read_path(s: str, out: Path) -> Path:
+    """The inverse of _stored_path; a relative path that is not inside `out` is one of an older run's, written
+    relative to the directory it was started from."""
+    p = Path(s)
+    if p.is_absolute() or (out / p).exists() or not p.exists():
+        return out / p
+    return p
+
+
 def run_redteam(patch: str | Path, pool: list[Record], out_dir: str | Path, model_spec: str = "default",
                 cfg: RedteamConfig | None = None, model_factory: Any = None, progress: bool = True) -> list[dict]:
     """Run `cfg.rounds` rounds starting from `patch`; returns one row per round (round 0 = the starting patch).
@@ -237,7 +253,7 @@ def run_redteam(patch: str | Path, pool: list[Record], out_dir: str | Path, mode
     if not work or not held:
         raise ConfigError(f"the pool has {len(pool)} prompts: too few to split into red-team and held-out halves")
     benign = resolve_prompts(cfg.benign_dev, default_split="dev", response_field=None)
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()
     _claim_run(out, _plan(meta0, pool, cfg, model_spec))
     factory = model_factory or (lambda: load_model(model_spec))
     parts = [Path(patch)]
@@ -249,8 +265,8 @@ def run_redteam(patch: str | Path, pool: list[Record], out_dir: str | Path, mode
         if done.exists():
             row = json.loads(done.read_text())
             table.append(row)
-            parts = [Path(p) for p in row["parts"]]
-            current = Path(row.get("stack", current))
+            parts = [_read_path(p, out) for p in row["parts"]]
+            current = _read_path(row["stack"], out) if "stack" in row else current
             if row.get("failures_found") == 0:
                 break
             continue
@@ -266,7 +282,7 @@ def run_redteam(patch: str | Path, pool: list[Record], out_dir: str | Path, mode
             write_jsonl_atomic(rdir / "failures.jsonl", failures)
             if not failures:
                 row = {"round": r, "failures_found": 0, "note": "no failures left on the red-team half",
-                       "parts": [str(p) for p in parts]}
+                       "parts": [_stored_path(p, out) for p in parts]}
                 atomic_write_json(done, row)
                 table.append(row)
                 break
@@ -281,7 +297,7 @@ def run_redteam(patch: str | Path, pool: list[Record], out_dir: str | Path, mode
             if run.exists() and not (run / "patch").exists():
                 shutil.rmtree(run)  # an interrupted round trains again from scratch
             if not (run / "patch").exists():
-                base_meta = dict(meta0["base_model"], trained_on_stack=str(current))
+                base_meta = dict(meta0["base_model"], trained_on_stack=str(current.resolve()))
                 train(tcfg, run, model_and_tok=(merged, tok), progress=progress, base_model_meta=base_meta)
             del merged, model
             parts = parts + [run / "patch"]
@@ -290,13 +306,13 @@ def run_redteam(patch: str | Path, pool: list[Record], out_dir: str | Path, mode
         answers = base_answers(model, tok, benign, cfg.max_new_tokens, out / "benign_base_answers.jsonl")
         res = rates(model, tok, held, benign, cfg, answers, progress=progress)
         row = {"round": r, "failures_found": n_fail, "trained_on": None if r == 0 else min(cfg.per_round, n_fail or 0),
-               **res, "stack": str(stack), "parts": [str(p) for p in parts],
+               **res, "stack": _stored_path(stack, out), "parts": [_stored_path(p, out) for p in parts],
                "stack_rank": json.loads((stack / "adapter_config.json").read_text()).get("r")}
         atomic_write_json(done, row)
         table.append(row)
         current = stack
         del model
-    atomic_write_json(out / "redteam.json", {"patch": str(patch), "config": {
+    atomic_write_json(out / "redteam.json", {"patch": str(Path(patch).resolve()), "config": {
         "rounds": cfg.rounds, "attacks": list(cfg.attacks), "per_round": cfg.per_round, "train": cfg.train},
         "base_fingerprint": meta0["base_model"].get("fingerprint"), "held_out": len(held), "red_team": len(work),
         "benign_dev": len(benign), "rounds": table})
