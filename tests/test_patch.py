@@ -142,3 +142,36 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path):
     finally:
         os.umask(mask)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_fingerprint_covers_every_weight_matrix_and_old_patches_still_load(tiny_tok, saved_patch):
+    """Version 2 sees a change in any weight matrix (version 1 hashed three of them); a patch that records a
+    version-1 fingerprint is checked in version 1, and a version-1 and a version-2 record compare by shapes."""
+    import json
+
+    import torch
+
+    from safetypatch.models import fingerprint, fingerprint_differences
+
+    base = build_tiny_model(tiny_tok)
+    changed = build_tiny_model(tiny_tok)
+    names = sorted(n for n, p in changed.named_parameters() if p.ndim == 2)
+    v1_probes = {names[0], names[len(names) // 2], names[-1]}
+    target = next(n for n in names if n not in v1_probes and "layers.1." in n)
+    with torch.no_grad():
+        dict(changed.named_parameters())[target].add_(1e-3)  # like a merged patch on one middle layer
+    assert fingerprint(changed, version=1) == fingerprint(base, version=1)  # what version 1 missed
+    assert fingerprint_differences(fingerprint(base), fingerprint(changed)) == [
+        f"weights_sha256: patch was trained on {fingerprint(base)['weights_sha256']!r}, this model has "
+        f"{fingerprint(changed)['weights_sha256']!r}"]
+    _, path = saved_patch
+    with pytest.raises(PatchError, match="another base model:\n  weights_sha256"):
+        load_patch(changed, path)
+    # a patch recorded before version 2: checked in version 1 (and then blind to this change, as it always was)
+    meta_file = path / "patch.json"
+    meta = json.loads(meta_file.read_text())
+    meta["base_model"]["fingerprint"] = fingerprint(base, version=1)
+    meta_file.write_text(json.dumps(meta))
+    load_patch(build_tiny_model(tiny_tok), path)
+    assert fingerprint_differences(fingerprint(base, version=1), fingerprint(base)) == []
+    assert fingerprint_differences(fingerprint(base, version=1), fingerprint(build_tiny_model(tiny_tok, layers=3)))

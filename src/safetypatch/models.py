@@ -179,30 +179,42 @@ def num_layers(model: Any) -> int:
 
 
 # ---------------------------------------------------------------- fingerprints
-_FP_SAMPLE = 4096  # elements hashed from each probe tensor
+_FP_SAMPLE = 4096  # version 1: elements hashed from the start of each of three probe tensors
+_FP_STRIDED = 1024  # version 2: evenly spaced elements hashed from every weight matrix
+FINGERPRINT_VERSION = 2
 
 
-def fingerprint(model: Any) -> dict[str, Any]:
-    """Identify a base model: architecture, shapes, and a hash of a few weight tensors.
+def fingerprint(model: Any, version: int = FINGERPRINT_VERSION) -> dict[str, Any]:
+    """Identify a base model: architecture, shapes, and a hash of weight samples.
 
-    Cheap (no full pass over the weights) and stable across dtype-preserving save/load. A PEFT model is
-    fingerprinted by its base weights (LoRA layers are skipped), so a patched model has its base's fingerprint.
+    Version 2 (the default) hashes up to 1,024 evenly spaced elements of every weight matrix, so a model that
+    differs in any one of them (a merged patch on a few middle layers, say) gets another fingerprint. Version 1,
+    which older patches record, hashed the first 4,096 elements of three matrices only; `fingerprint_like` computes
+    it to check those patches. Cheap (no full pass over the weights) and stable across dtype-preserving save/load.
+    A PEFT model is fingerprinted by its base weights (LoRA layers are skipped), so a patched model has its base's
+    fingerprint.
     """
     import torch
 
+    if version not in (1, 2):
+        raise ModelError(f"unknown fingerprint version {version} (this safetypatch knows 1 and 2)")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     sd = {k.replace("base_layer.", ""): v for k, v in base.state_dict().items() if "lora_" not in k}
     names = sorted(sd)
     shapes = hashlib.sha256("\n".join(f"{n}:{tuple(sd[n].shape)}" for n in names).encode()).hexdigest()
     probes = [n for n in names if n.endswith(".weight") and sd[n].ndim == 2]
-    probes = sorted({probes[0], probes[len(probes) // 2], probes[-1]}) if probes else []
+    if version == 1:
+        probes = sorted({probes[0], probes[len(probes) // 2], probes[-1]}) if probes else []
     h = hashlib.sha256()
     for n in probes:
-        flat = sd[n].detach().reshape(-1)[:_FP_SAMPLE].to(torch.float32).cpu().contiguous()
+        flat = sd[n].detach().reshape(-1)
+        flat = flat[:_FP_SAMPLE] if version == 1 else flat[:: max(1, flat.numel() // _FP_STRIDED)][:_FP_STRIDED]
         h.update(n.encode())
-        h.update(flat.numpy().tobytes())
+        h.update(flat.to(torch.float32).cpu().contiguous().numpy().tobytes())
     cfg = base.config
+    fp: dict[str, Any] = {} if version == 1 else {"fingerprint_version": version}
     return {
+        **fp,
         "architecture": (getattr(cfg, "architectures", None) or [type(base).__name__])[0],
         "model_type": getattr(cfg, "model_type", None),
         "num_layers": num_layers(base),
@@ -214,14 +226,23 @@ def fingerprint(model: Any) -> dict[str, Any]:
     }
 
 
+def fingerprint_like(model: Any, recorded: dict[str, Any]) -> dict[str, Any]:
+    """`model`'s fingerprint in the version of a recorded one (patches made before version 2 record version 1)."""
+    return fingerprint(model, version=int(recorded.get("fingerprint_version", 1)))
+
+
 def fingerprint_id(fp: dict[str, Any]) -> str:
     return hashlib.sha256(repr(sorted(fp.items())).encode()).hexdigest()[:16]
 
 
 def fingerprint_differences(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
-    """Human-readable list of what differs between two fingerprints (empty when they match)."""
+    """Human-readable list of what differs between two fingerprints (empty when they match). Fingerprints of
+    different versions hash different weight samples: then only the rest (architecture, shapes, sizes) is compared."""
     out = []
-    for k in sorted(set(expected) | set(actual)):
+    keys = set(expected) | set(actual)
+    if expected.get("fingerprint_version", 1) != actual.get("fingerprint_version", 1):
+        keys -= {"fingerprint_version", "weights_sha256"}
+    for k in sorted(keys):
         if expected.get(k) != actual.get(k):
             out.append(f"{k}: patch was trained on {expected.get(k)!r}, this model has {actual.get(k)!r}")
     return out

@@ -15,7 +15,7 @@ from typing import Any
 from . import __version__
 from .config import PatchShape, parse_layers
 from .io_utils import atomic_write_json, claim_tmp_dir, commit_dir, sha256_file, utc_now
-from .models import fingerprint, fingerprint_differences, num_layers
+from .models import fingerprint, fingerprint_differences, fingerprint_like, num_layers
 
 PATCH_META = "patch.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -136,7 +136,7 @@ def check_base(meta: dict[str, Any], model: Any, patch_dir: str | Path = "") -> 
     want = meta.get("base_model", {}).get("fingerprint")
     if not want:
         raise PatchError(f"{patch_dir}: patch.json records no base-model fingerprint")
-    diffs = fingerprint_differences(want, fingerprint(model))
+    diffs = fingerprint_differences(want, fingerprint_like(model, want))
     if diffs:
         raise PatchError(f"{patch_dir}: this patch was made for another base model:\n  " + "\n  ".join(diffs))
 

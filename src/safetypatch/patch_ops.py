@@ -421,7 +421,7 @@ def unmerge_patch(merged_spec: str, patch_dir: str | Path, out_dir: str | Path, 
     import torch
 
     from . import __version__
-    from .models import fingerprint, load_model
+    from .models import fingerprint, fingerprint_like, load_model
 
     meta = verify_files(patch_dir)
     merged_dir = Path(merged_spec)
@@ -452,8 +452,8 @@ def unmerge_patch(merged_spec: str, patch_dir: str | Path, out_dir: str | Path, 
                 largest = max(largest, float(dw.abs().max()))
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        restored_fp = fingerprint(model)
         want_fp = meta.get("base_model", {}).get("fingerprint")
+        restored_fp = fingerprint_like(model, want_fp) if want_fp else fingerprint(model)
         atomic_write_json(tmp / "unmerged_from.json", {
             "created": utc_now(), "safetypatch_version": __version__, "merged_model": str(merged_spec),
             "patch": {"path": str(patch_dir), "sha256": meta["weights"]["sha256"]},
