@@ -59,7 +59,9 @@ def job_flops(model: Any, prompt_lens: list[int], new_lens: list[int], shared: i
     a few % at these lengths), so this is a lower bound on the work, the same for both sides."""
     total = sum(p.numel() for p in model.parameters())
     head = model.get_output_embeddings().weight.numel()
-    body = total - head if model.config.tie_word_embeddings else total - head - model.get_input_embeddings().weight.numel()
+    body = total - head  # decoder weights (and the embedding table, when it is not the tied LM head)
+    if not model.config.tie_word_embeddings:
+        body -= model.get_input_embeddings().weight.numel()  # a lookup, no matmul
     prefill = 2 * body * (sum(n - shared for n in prompt_lens) + shared) + 2 * head * len(prompt_lens)
     decode = sum(2 * (body + head) * max(0, n - 1) for n in new_lens)
     return float(prefill), float(decode)

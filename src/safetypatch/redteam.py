@@ -220,9 +220,9 @@ def _read_path(s: str, out: Path) -> Path:
     """The inverse of _stored_path; a relative path that is not inside `out` is one of an older run's, written
     relative to the directory it was started from."""
     p = Path(s)
-    if p.is_absolute() or (out / p).exists() or not p.exists():
-        return out / p
-    return p
+    if not p.is_absolute() and not (out / p).exists() and p.exists():
+        return p
+    return out / p  # an absolute path stays as it is
 
 
 def run_redteam(patch: str | Path, pool: list[Record], out_dir: str | Path, model_spec: str = "default",
