@@ -146,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("this benchmark compares LoRA training with the CE anchor loss, grad_accum 1, no overlap term")
     device = "cpu"
     use_bf16 = _use_bf16(cfg, device)
+    malloc = "default"
+    if cfg.tune_malloc:  # process-wide, so it is set here, before either trainer runs: both train under it
+        from safetypatch.malloc_tuning import tune_malloc
+
+        malloc = tune_malloc()
     torch.manual_seed(cfg.seed)
 
     # ---- data and initial adapter, shared by both trainers
@@ -303,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     sa, sb = tokens / t_ours[0], tokens / t_trl
     equal = abs(la - lb) <= 0.02 * max(abs(lb), 1e-12)
     print(f"model {cfg.model}; {len(examples)} examples; {total_steps} steps of batch {cfg.batch_size}; "
-          f"{tokens} tokens; bf16 autocast {use_bf16}; torch threads {torch.get_num_threads()}")
+          f"{tokens} tokens; bf16 autocast {use_bf16}; torch threads {torch.get_num_threads()}; allocator (both "
+          f"trainers): {malloc}")
     print(f"machine: fp32 matmul {fp32 / 1e9:.0f} GFLOP/s, bf16 matmul {bf16 / 1e9:.0f} GFLOP/s "
           f"(best {1024}^3 torch.matmul)")
     print(f"recipe model FLOPs: {flops / tokens / 1e6:.0f} MFLOP/token (forward all layers + input-gradient "

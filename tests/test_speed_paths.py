@@ -238,3 +238,12 @@ def test_shared_prefix_length():
     assert shared_prefix_length([ex(1, 2, 3, 4, 5, 6), ex(1, 2, 3, 4, 5, 6)]) == 5  # a row keeps >= 1 own token
     assert shared_prefix_length([ex(1, 2, 3, 4, 5, 6), ex(1, 2, 0, 4, 5, 6)]) == 0  # fewer than 4: not worth it
     assert shared_prefix_length([]) == 0
+
+
+def test_trainer_records_the_allocator_setting(deep_model_dir, harmful_file, benign_file, tmp_path):
+    from safetypatch.malloc_tuning import tune_malloc
+
+    on, _ = _run(tmp_path, "on", deep_model_dir, harmful_file, benign_file)
+    off, _ = _run(tmp_path, "off", deep_model_dir, harmful_file, benign_file, tune_malloc=False)
+    assert on.stats["speed_paths"]["malloc"] == tune_malloc()
+    assert off.stats["speed_paths"]["malloc"] == "off"

@@ -127,6 +127,9 @@ class TrainConfig(PatchShape):
         "help": "with the frozen-prefix cache: run the prompt prefix every example shares (the chat template's "
                 "system prompt and user header) through the trained layers once per batch, and let every row "
                 "attend to its cached keys and values"})
+    tune_malloc: bool = field(default=True, metadata={
+        "help": "on CPU (Linux, glibc): keep freed memory in the process for reuse instead of returning it to the "
+                "OS after every step (mallopt; process-wide), so activations are not page-faulted in again"})
     save_dtype: str = field(default="float16", metadata={"help": "dtype of the saved adapter weights"})
 
     def validate(self, where: str = "config") -> None:

@@ -410,6 +410,7 @@ class SpeedPaths:
         self._saved_weights: list[tuple[Any, Any]] = []
         self._attn_orig: str | None = None
         self._attn_train: str | None = None
+        self.malloc = "off"
 
     # -- attention kernel
     def _lm(self) -> Any:
@@ -448,6 +449,10 @@ class SpeedPaths:
         self._saved_weights = []
 
     def __enter__(self) -> "SpeedPaths":
+        if self.cfg.tune_malloc and self.device.split(":")[0] == "cpu":
+            from .malloc_tuning import tune_malloc
+
+            self.malloc = tune_malloc()
         if self.cfg.bf16_frozen_weights and self.use_bf16:
             self._cast_frozen()  # before the prefix cache is built: its forward uses them too
         self.n_cast = len(self._saved_weights)
@@ -519,7 +524,7 @@ class SpeedPaths:
         return {"frozen_prefix_cache": self.prefix.reason if self.prefix else "off",
                 "bf16_frozen_weights": f"{self.n_cast} linear weights" if getattr(self, "n_cast", 0) else "off",
                 "train_attention": self._attn_train or f"unchanged ({self._attn_orig})",
-                "shared_prompt_prefix": self.shared_reason,
+                "shared_prompt_prefix": self.shared_reason, "malloc": self.malloc,
                 "response_only_logits": self.cfg.response_only_logits, "group_by_length": self.cfg.group_by_length}
 
 
