@@ -13,6 +13,7 @@ after training is reused by later allocations rather than returned to the OS.
 from __future__ import annotations
 
 import ctypes
+import functools
 import platform
 import sys
 
@@ -22,24 +23,16 @@ MMAP_THRESHOLD = 1 << 30  # blocks up to 1 GB come from the heap and are reused
 TRIM_THRESHOLD = 1 << 30  # the heap top is returned to the OS only above 1 GB of free memory
 TOP_PAD = 64 << 20  # the heap grows 64 MB at a time
 
-_applied: str | None = None
-
-
+@functools.lru_cache(maxsize=None)
 def tune_malloc() -> str:
     """Apply the settings once per process (Linux with glibc only); returns what was done, for the run's stats."""
-    global _applied
-    if _applied is not None:
-        return _applied
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-        _applied = "not glibc: unchanged"
-        return _applied
+        return "not glibc: unchanged"
     try:
         libc = ctypes.CDLL("libc.so.6")
         ok = all(libc.mallopt(p, v) == 1 for p, v in ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD),
                                                       (_M_TRIM_THRESHOLD, TRIM_THRESHOLD), (_M_TOP_PAD, TOP_PAD)))
     except (OSError, AttributeError) as e:
-        _applied = f"glibc mallopt unavailable ({e}): unchanged"
-        return _applied
-    _applied = ("glibc: blocks up to 1 GB reused in the heap, trimmed above 1 GB" if ok
-                else "glibc refused a mallopt setting: partly unchanged")
-    return _applied
+        return f"glibc mallopt unavailable ({e}): unchanged"
+    return ("glibc: blocks up to 1 GB reused in the heap, trimmed above 1 GB" if ok
+            else "glibc refused a mallopt setting: partly unchanged")
