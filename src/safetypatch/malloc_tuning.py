@@ -23,6 +23,7 @@ MMAP_THRESHOLD = 1 << 30  # blocks up to 1 GB come from the heap and are reused
 TRIM_THRESHOLD = 1 << 30  # the heap top is returned to the OS only above 1 GB of free memory
 TOP_PAD = 64 << 20  # the heap grows 64 MB at a time
 
+
 @functools.lru_cache(maxsize=None)
 def tune_malloc() -> str:
     """Apply the settings once per process (Linux with glibc only); returns what was done, for the run's stats."""
