@@ -114,9 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     assert ours is not None and plain is not None
     n_tok = sum(map(len, plain))
     same = [a == b for a, b in zip(ours, plain)]
+    enc = [gm.prompt_ids(tok, gm.as_chat(p)) for p in prompts]
+    shared = len(gm._shared_prefix(enc))
     print(f"model {args.model}; {len(prompts)} prompts; batch {args.batch}; max_new_tokens {args.max_new_tokens}; "
-          f"{n_tok} new tokens; torch threads {torch.get_num_threads()}; shared prefix "
-          f"{len(gm._shared_prefix([gm.prompt_ids(tok, gm.as_chat(p)) for p in prompts]))} tokens")
+          f"{n_tok} new tokens; torch threads {torch.get_num_threads()}; shared prefix {shared} tokens")
     print(f"greedy outputs identical: {sum(same)}/{len(same)}  (ours: batch {cfg.batch_size}, bf16 {cfg.bf16}; "
           f"plain: batch {args.batch}, fp32)")
     from safetypatch.judges import keyword_refusal
@@ -136,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     # how far from the machine's limit: the job's least matmul work at the best large-matmul rate
     from train_throughput import matmul_rate
 
-    enc = [gm.prompt_ids(tok, gm.as_chat(p)) for p in prompts]
-    pre, dec = job_flops(model, list(map(len, enc)), list(map(len, plain)), len(gm._shared_prefix(enc)))
+    pre, dec = job_flops(model, list(map(len, enc)), list(map(len, plain)), shared)
     work = pre + dec
     print(f"work of this job: {work / 1e9:.0f} GFLOP of weight matmuls at the least ({pre / 1e9:.0f} prefill of the "
           f"prompts after the shared prefix, {dec / 1e9:.0f} decoding; see job_flops)")

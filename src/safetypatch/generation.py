@@ -182,7 +182,7 @@ def _greedy_batch(model: Any, rows: list[list[int]], prefix: list[int], prefix_c
     else:
         cache = DynamicCache(config=model.config)
     if _GROWING_CACHE:
-        _use_growing_layers(cache, width + max_new)
+        _use_growing_layers(cache, max_new)  # the prompt itself is reserved for at its first update
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # what model.generate derives from the attention mask
     pos = pos.masked_fill(mask == 0, 1)[:, p:]
     out: list[list[int]] = [[] for _ in range(b)]
