@@ -10,15 +10,25 @@ per-token weights: anchors x benign_weight, the first decision_tokens of a respo
 - TRL: `SFTTrainer` (its fused LM head: log-probs of completion tokens only, no full logits) on a `PeftModel`
   built from peft's `LoraConfig` with the same rank / alpha / target modules / layers; pre-tokenized input_ids
   with completion-only labels (`skip_prepare_dataset`); `compute_loss` is overridden only to apply the recipe's
-  per-token weights to TRL's per-token log-probs; gradient checkpointing off (TRL turns it on by default; it
-  trades speed for memory and safetypatch does not use it).
+  per-token weights to TRL's per-token log-probs.
 
-The two alternate in chunks of `--chunk` optimizer steps in one process (a callback pauses TRL's loop and runs
-safetypatch's next chunk), so a change in machine load hits both. Tokens are counted the same way on both sides:
-the non-padding tokens of each batch. Dev checks (generation for early stopping) are left out of both.
+Two baselines (`--baseline`):
+- `shipped` (default): TRL as `SFTTrainer(peft_config=...)` runs out of the box (the issue's baseline: "SFTTrainer
+  with a peft_config"): SFTConfig's defaults for everything the recipe does not fix (gradient checkpointing on), in a
+  spawned process of its own, so with glibc's default allocator as a TRL user has it (safetypatch's `tune_malloc`
+  is process-wide, so TRL as shipped cannot share our process). The two processes alternate in lockstep over a
+  pipe, in chunks of `--chunk` optimizer steps: one waits while the other runs.
+- `tuned`: the strongest TRL setup we found, in this process: gradient checkpointing off (it trades speed for
+  memory, and safetypatch does not use it) and the same allocator settings as safetypatch. The two alternate in
+  chunks (a callback pauses TRL's loop and runs safetypatch's next chunk). This isolates what the trainer itself
+  gains; `--set tune_malloc=false` runs both under glibc's defaults instead.
+
+Either way a change in machine load hits both. Tokens are counted the same way on both sides: the non-padding
+tokens of each batch. Dev checks (generation for early stopping) are left out of both.
 
     python benchmarks/train_throughput.py                       # full demo recipe (3 epochs; long on a CPU)
     python benchmarks/train_throughput.py --steps 30            # first 30 steps of it (schedule shortened to 30)
+    python benchmarks/train_throughput.py --baseline tuned       # against TRL tuned as far as we could
     python benchmarks/train_throughput.py --examples 64 --steps 8 --model path/to/tiny-model   # smoke test
 
 The last line reads `speedup N.NNx over TRL+PEFT (loss A vs B)`.
@@ -27,12 +37,15 @@ The last line reads `speedup N.NNx over TRL+PEFT (loss A vs B)`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+import multiprocessing
+import os
 import random
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Callable
 
 
 def matmul_rate(dtype: Any, n: int = 1024, seconds: float = 1.5) -> float:
@@ -112,6 +125,160 @@ def prefix_cache_flops(sizes: tuple[list[int], int, int], examples: list[Any], f
                for e in examples for p in layer_params[:first_trained])
 
 
+def token_weights(cfg: Any, batch: dict[str, Any]) -> Any:
+    """Per-target weights of the recipe aligned with labels[:, 1:] (zero where there is no target)."""
+    import torch
+
+    from safetypatch.data.chat import IGNORE_INDEX
+    from safetypatch.train import response_positions
+
+    mask = batch["labels"][:, 1:] != IGNORE_INDEX
+    w = torch.zeros(mask.shape)
+    vals = torch.where(batch["is_anchor"].bool()[:, None].expand_as(mask)[mask],
+                       torch.tensor(cfg.benign_weight), torch.tensor(1.0))
+    if cfg.decision_tokens > 0 and cfg.decision_weight != 1.0:
+        vals = torch.where(response_positions(batch) < cfg.decision_tokens, vals * cfg.decision_weight, vals)
+    w[mask] = vals
+    return w
+
+
+def run_trl(job: dict[str, Any], init_state: dict[str, Any], on_turn: Callable[[], None]) -> tuple[float, list[float]]:
+    """Train the TRL side of the comparison: SFTTrainer on a PeftModel with the recipe's shape, from `init_state`,
+    over `job["order"]` batches of `job["examples"]`; `on_turn()` runs after every `job["chunk"]` steps (the other
+    trainer's turn). Returns TRL's training seconds without the turns, and its per-step losses."""
+    import torch
+    from datasets import Dataset
+    from peft import get_peft_model
+    from torch.utils.data import DataLoader
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from safetypatch.config import TrainConfig, from_dict
+    from safetypatch.data.chat import IGNORE_INDEX, Encoded
+    from safetypatch.models import load_model, num_layers
+    from safetypatch.patch import lora_config
+    from safetypatch.train import collate
+
+    cfg = from_dict(TrainConfig, job["cfg"])
+    examples = [Encoded(**e) for e in job["examples"]]
+    order, pad_id, chunk = job["order"], job["pad_id"], job["chunk"]
+    base, tok = load_model(cfg.model)
+    theirs = get_peft_model(base, lora_config(cfg.shape(), num_layers(base)))  # peft LoraConfig, same shape
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_" in n:
+                p.copy_(init_state[n])
+                if cfg.freeze_a and "lora_A" in n:
+                    p.requires_grad_(False)
+    ds = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels, "idx": i} for i, e in enumerate(examples)])
+
+    def trl_collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        b = collate(examples, [r["idx"] for r in rows], pad_id)  # same right padding, same tokens
+        return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": b["labels"],
+                "loss_weights": token_weights(cfg, b)}
+
+    class Trainer(SFTTrainer):
+        def get_train_dataloader(self):  # our batches, in our order
+            return self.accelerator.prepare(DataLoader(self.train_dataset, batch_sampler=order,
+                                                       collate_fn=self.data_collator))
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            weights = inputs.pop("loss_weights")
+            inputs["use_cache"] = False
+            out = model(**inputs, fused_lm_head=True)  # TRL's own path: per-token log-probs, no full logits
+            n = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
+            loss = (-out.log_probs * weights.to(out.log_probs.dtype)).sum() / n
+            self._total_train_tokens += int(inputs["attention_mask"].sum())
+            return (loss, out) if return_outputs else loss
+
+    log_trl: list[float] = []
+    pause = [0.0]
+
+    class Alternate(TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):
+            if state.global_step % chunk == 0:
+                t = time.perf_counter()
+                on_turn()
+                pause[0] += time.perf_counter() - t
+
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                log_trl.append(float(logs["loss"]))
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        targs = SFTConfig(
+            output_dir=out_dir, per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=1,
+            learning_rate=cfg.lr, lr_scheduler_type=cfg.schedule if cfg.schedule != "constant" else
+            "constant_with_warmup", warmup_steps=job["warmup"], max_steps=job["total_steps"],
+            weight_decay=cfg.weight_decay, max_grad_norm=1.0, optim="adamw_torch", bf16=job["use_bf16"],
+            use_cpu=True, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=cfg.seed,
+            remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None,
+            dataloader_num_workers=0,
+            # shipped: SFTConfig's own default (on: it trades speed for memory); tuned: off, as safetypatch runs
+            **({} if job["baseline"] == "shipped" else {_checkpointing_field(SFTConfig): False}),
+        )
+        trainer = Trainer(model=theirs, args=targs, train_dataset=ds, processing_class=tok,
+                          data_collator=trl_collate, callbacks=[Alternate()])
+        trainer.remove_callback(PrinterCallback)  # no per-step log dicts on stdout
+        t = time.perf_counter()
+        trainer.train()
+        return time.perf_counter() - t - pause[0], log_trl
+
+
+def _checkpointing_field(config_class: Any) -> str:
+    """The TrainingArguments field that turns activation checkpointing off (renamed in transformers 5.x)."""
+    fields = getattr(config_class, "__dataclass_fields__", {})
+    return "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+
+
+def _trl_child(conn: Any, job: dict[str, Any], init_path: str) -> None:
+    """The TRL side in its own process (baseline `shipped`): a fresh interpreter, so glibc's default allocator
+    settings, as a TRL user has them. Lockstep with the parent: after each chunk it hands the turn over and waits."""
+    import torch
+    from safetensors.torch import load_file
+
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
+
+    def on_turn() -> None:
+        conn.send(("turn",))
+        conn.recv()
+
+    secs, losses = run_trl(job, load_file(init_path), on_turn)
+    conn.send(("done", secs, losses))
+
+
+def _trl_in_child(job: dict[str, Any], init_state: dict[str, Any], on_turn: Callable[[], None]
+                  ) -> tuple[float, list[float]]:
+    """Run `run_trl` in a spawned process (a fresh interpreter: no inherited allocator settings) and take its
+    turns here: whenever it hands over, `on_turn()` runs while it waits, so the two never run at once."""
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        init_path = os.path.join(tmp, "init.safetensors")
+        save_file({k: v.contiguous() for k, v in init_state.items()}, init_path)
+        ctx = multiprocessing.get_context("spawn")
+        here, there = ctx.Pipe()
+        child = ctx.Process(target=_trl_child, args=(there, job, init_path), daemon=True)
+        child.start()
+        try:
+            while True:
+                if not here.poll(5):
+                    if not child.is_alive():
+                        raise RuntimeError(f"the TRL process exited with code {child.exitcode} (its error is above)")
+                    continue
+                msg = here.recv()
+                if msg[0] == "done":
+                    return msg[1], msg[2]
+                on_turn()
+                here.send(("go",))
+        finally:
+            child.join(timeout=30)
+            if child.is_alive():
+                child.kill()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="default", help="hub id, local dir, .gguf or 'default' (embedded SmolLM2)")
@@ -120,23 +287,22 @@ def main(argv: list[str] | None = None) -> int:
                                                           "LR schedule is fitted to the steps trained")
     ap.add_argument("--chunk", type=int, default=5, help="steps per turn when alternating the two trainers")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--baseline", choices=("shipped", "tuned"), default="shipped",
+                    help="shipped: TRL as SFTTrainer(peft_config=...) runs out of the box (SFTConfig defaults: "
+                         "gradient checkpointing on) in a process of its own with glibc's default allocator, in "
+                         "lockstep with this one; tuned: TRL in this process under the same allocator settings, "
+                         "gradient checkpointing off (the strongest TRL setup we found)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a TrainConfig field of the recipe (repeatable), e.g. --set cache_frozen_prefix=false")
     args = ap.parse_args(argv)
 
     import torch
-    from peft import get_peft_model
-    from torch.utils.data import DataLoader
-    from transformers import TrainerCallback, get_scheduler
-    from trl import SFTConfig, SFTTrainer
+    from transformers import get_scheduler
 
     from safetypatch.config import TrainConfig, from_dict, to_dict
     from safetypatch.contrast_init import contrast_init
-    from safetypatch.data.chat import IGNORE_INDEX
-    from safetypatch.models import load_model, num_layers
-    from safetypatch.patch import lora_config
-    from safetypatch.train import (SpeedPaths, _use_bf16, batches, build_examples, collate, first_trained_layer,
-                                   prepare_model, response_positions, train_step)
+    from safetypatch.models import load_model
+    from safetypatch.train import SpeedPaths, _use_bf16, batches, build_examples, first_trained_layer, prepare_model, train_step
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -147,10 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     device = "cpu"
     use_bf16 = _use_bf16(cfg, device)
     malloc = "default"
-    if cfg.tune_malloc:  # process-wide, so it is set here, before either trainer runs: both train under it
+    if cfg.tune_malloc:  # process-wide: set here, before either trainer runs, so with `tuned` both train under it
         from safetypatch.malloc_tuning import tune_malloc
 
         malloc = tune_malloc()
+    trl_malloc = malloc if args.baseline == "tuned" else "default (own process)"
     torch.manual_seed(cfg.seed)
 
     # ---- data and initial adapter, shared by both trainers
@@ -178,27 +345,8 @@ def main(argv: list[str] | None = None) -> int:
             if "lora_A" in n:
                 p.requires_grad_(False)
 
-    base2, _ = load_model(cfg.model)
-    theirs = get_peft_model(base2, lora_config(cfg.shape(), num_layers(base2)))  # peft LoraConfig, same shape
-    with torch.no_grad():
-        for n, p in theirs.named_parameters():
-            if "lora_" in n:
-                p.copy_(init_state[n])
-                if cfg.freeze_a and "lora_A" in n:
-                    p.requires_grad_(False)
     first = first_trained_layer(ours)
     warmup = int(cfg.warmup_ratio * total_steps)
-
-    def token_weights(batch: dict[str, Any]) -> Any:
-        """Per-target weights aligned with labels[:, 1:] (zero where there is no target)."""
-        mask = batch["labels"][:, 1:] != IGNORE_INDEX
-        w = torch.zeros(mask.shape)
-        vals = torch.where(batch["is_anchor"].bool()[:, None].expand_as(mask)[mask],
-                           torch.tensor(cfg.benign_weight), torch.tensor(1.0))
-        if cfg.decision_tokens > 0 and cfg.decision_weight != 1.0:
-            vals = torch.where(response_positions(batch) < cfg.decision_tokens, vals * cfg.decision_weight, vals)
-        w[mask] = vals
-        return w
 
     # ---- safetypatch side: a generator that trains one step per next()
     log_ours: list[float] = []
@@ -233,61 +381,13 @@ def main(argv: list[str] | None = None) -> int:
         t_ours[0] += time.perf_counter() - t
 
     # ---- TRL side
-    from datasets import Dataset
-
-    ds = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels, "idx": i} for i, e in enumerate(examples)])
-
-    def trl_collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
-        b = collate(examples, [r["idx"] for r in rows], pad_id)  # same right padding, same tokens
-        return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": b["labels"],
-                "loss_weights": token_weights(b)}
-
-    class Trainer(SFTTrainer):
-        def get_train_dataloader(self):  # our batches, in our order
-            return self.accelerator.prepare(DataLoader(self.train_dataset, batch_sampler=order,
-                                                       collate_fn=self.data_collator))
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            weights = inputs.pop("loss_weights")
-            inputs["use_cache"] = False
-            out = model(**inputs, fused_lm_head=True)  # TRL's own path: per-token log-probs, no full logits
-            n = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
-            loss = (-out.log_probs * weights.to(out.log_probs.dtype)).sum() / n
-            self._total_train_tokens += int(inputs["attention_mask"].sum())
-            return (loss, out) if return_outputs else loss
-
-    log_trl: list[float] = []
-    pause = [0.0]
-
-    class Alternate(TrainerCallback):
-        def on_step_end(self, a, state, control, **kw):
-            if state.global_step % args.chunk == 0:
-                t = time.perf_counter()
-                run_ours(args.chunk)
-                pause[0] += time.perf_counter() - t
-
-        def on_log(self, a, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                log_trl.append(float(logs["loss"]))
-
-    with tempfile.TemporaryDirectory() as out_dir:
-        targs = SFTConfig(
-            output_dir=out_dir, per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=1,
-            learning_rate=cfg.lr, lr_scheduler_type=cfg.schedule if cfg.schedule != "constant" else
-            "constant_with_warmup", warmup_steps=warmup, max_steps=total_steps, weight_decay=cfg.weight_decay,
-            max_grad_norm=1.0, optim="adamw_torch", bf16=use_bf16, use_cpu=True, gradient_checkpointing=False,
-            logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=cfg.seed,
-            remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None,
-            dataloader_num_workers=0,
-        )
-        trainer = Trainer(model=theirs, args=targs, train_dataset=ds, processing_class=tok,
-                          data_collator=trl_collate, callbacks=[Alternate()])
-        from transformers.trainer_callback import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)  # no per-step log dicts on stdout
-        t = time.perf_counter()
-        trainer.train()
-        t_trl = time.perf_counter() - t - pause[0]
+    job = {"cfg": to_dict(cfg), "examples": [dataclasses.asdict(e) for e in examples], "order": order,
+           "pad_id": pad_id, "chunk": args.chunk, "warmup": warmup, "total_steps": total_steps,
+           "use_bf16": use_bf16, "baseline": args.baseline, "threads": args.threads}
+    if args.baseline == "tuned":
+        t_trl, log_trl = run_trl(job, init_state, lambda: run_ours(args.chunk))
+    else:
+        t_trl, log_trl = _trl_in_child(job, init_state, lambda: run_ours(args.chunk))
     run_ours(total_steps)  # whatever is left of safetypatch's steps
     tokens = sum(len(examples[i].input_ids) for b in order for i in b)
     assert tok_ours[0] == tokens, (tok_ours[0], tokens)
@@ -308,8 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     sa, sb = tokens / t_ours[0], tokens / t_trl
     equal = abs(la - lb) <= 0.02 * max(abs(lb), 1e-12)
     print(f"model {cfg.model}; {len(examples)} examples; {total_steps} steps of batch {cfg.batch_size}; "
-          f"{tokens} tokens; bf16 autocast {use_bf16}; torch threads {torch.get_num_threads()}; allocator (both "
-          f"trainers): {malloc}")
+          f"{tokens} tokens; bf16 autocast {use_bf16}; torch threads {torch.get_num_threads()}")
+    gc = "off" if args.baseline == "tuned" else "on (SFTConfig default)"
+    print(f"baseline {args.baseline}: TRL in {'this process' if args.baseline == 'tuned' else 'a process of its own'}, "
+          f"gradient checkpointing {gc}; allocator: safetypatch {malloc}, TRL {trl_malloc}")
     print(f"machine: fp32 matmul {fp32 / 1e9:.0f} GFLOP/s, bf16 matmul {bf16 / 1e9:.0f} GFLOP/s "
           f"(best {1024}^3 torch.matmul)")
     print(f"recipe model FLOPs: {flops / tokens / 1e6:.0f} MFLOP/token (forward all layers + input-gradient "
@@ -323,6 +425,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"safetypatch executed {executed / tokens / 1e6:.0f} MFLOP/token of it (layers 0-{cached - 1} once per "
               f"example for the prefix cache, the {shared} shared prompt-prefix tokens once per batch): "
               f"{rate / 1e9:.1f} GFLOP/s = {rate / bf16:.1%} of bf16, {rate / fp32:.1%} of fp32 matmul")
+    peak = bf16 if use_bf16 else fp32
+    ceiling = tokens / (executed / peak)  # every executed FLOP at the large-matmul rate, nothing else
+    print(f"ceiling: safetypatch's executed work at the full {'bf16' if use_bf16 else 'fp32'} matmul rate, with no "
+          f"other cost, would run {ceiling:.0f} tokens/s = {ceiling / sb:.2f}x this TRL run")
     print(f"loss curves: first steps ours {[round(x, 3) for x in log_ours[:3]]} vs TRL {[round(x, 3) for x in log_trl[:3]]}")
     print(f"equal loss within 2%: {'yes' if equal else 'NO (the ratio does not count)'} "
           f"({abs(la - lb) / max(abs(lb), 1e-12):.2%} apart)")
