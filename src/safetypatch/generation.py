@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 
 from .config import GenerationConfig
 from .data.chat import common_prefix_length, prompt_ids
+from .hf_compat import cache_keyword, unwrap_lm
 
 Chat = list[dict[str, str]]
 
@@ -68,13 +69,19 @@ def _shared_prefix(encoded: list[list[int]]) -> list[int]:
     return encoded[0][: common_prefix_length(encoded)] if len(encoded) >= 2 else []
 
 
+def _model_cache_kw(model: Any) -> str:
+    """The keyword the model's forward takes its KV cache under (`cache` in transformers >= 5.x)."""
+    forward = unwrap_lm(model).forward  # bound; wrappers such as evals.paired.FinetunedPair hand it through
+    return cache_keyword(getattr(forward, "__func__", forward))
+
+
 def _prefix_cache(model: Any, prefix: list[int], device: Any) -> Any:
     import torch
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=torch.tensor([prefix], device=device), past_key_values=cache, use_cache=True)
+        model(input_ids=torch.tensor([prefix], device=device), use_cache=True, **{_model_cache_kw(model): cache})
     return cache
 
 
@@ -188,11 +195,12 @@ def _greedy_batch(model: Any, rows: list[list[int]], prefix: list[int], prefix_c
     out: list[list[int]] = [[] for _ in range(b)]
     alive = list(range(b))
     stop_t = torch.tensor(stop, device=device)
+    cache_kw = _model_cache_kw(model)
     step_in, step_pos = ids, pos
     with torch.no_grad():
         for t in range(max_new):
-            logits = model(input_ids=step_in, attention_mask=mask, position_ids=step_pos, past_key_values=cache,
-                           use_cache=True, logits_to_keep=1).logits[:, -1]
+            logits = model(input_ids=step_in, attention_mask=mask, position_ids=step_pos, use_cache=True,
+                           logits_to_keep=1, **{cache_kw: cache}).logits[:, -1]
             nxt = logits.argmax(-1)
             done = torch.isin(nxt, stop_t)
             for j, tok_id in enumerate(nxt.tolist()):

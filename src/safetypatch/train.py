@@ -12,8 +12,6 @@ not available there; checkpoints make it resumable.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import json
 import math
 import random
@@ -28,6 +26,9 @@ from .data.builtin import BUILTIN_ANCHORS, BUILTIN_REFUSALS, resolve_prompts
 from .data.chat import IGNORE_INDEX, Encoded, common_prefix_length, encode_example
 from .data.readers import Record, read_records
 from .generation import generate
+from .hf_compat import cache_keyword as _cache_keyword
+from .hf_compat import params as _params
+from .hf_compat import unwrap_lm as _unwrap_lm
 from .io_utils import atomic_write_json, claim_output_dir, sha256_text
 from .judges import keyword_refusal, keyword_refusal_decided
 from .models import load_model, num_layers
@@ -119,10 +120,6 @@ def collate(examples: list[Encoded], idx: list[int], pad_id: int, prefix: "Prefi
 
 
 # ------------------------------------------------------------------------------------------------- loss
-def _unwrap_lm(model: Any) -> Any:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def response_logits(model: Any, batch: dict[str, Any], response_only: bool) -> tuple[Any, Any, Any]:
     """Logits at the positions that predict response tokens, the targets, and which rows they come from."""
     import torch
@@ -191,17 +188,6 @@ def _decoder_parts(lm: Any) -> Any | None:
     if dec is None or not all(hasattr(dec, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
         return None
     return dec
-
-
-@functools.lru_cache(maxsize=None)
-def _params(fn: Any) -> frozenset[str]:
-    """Parameter names of a transformers function (looked up once: these are called every training step)."""
-    return frozenset(inspect.signature(fn).parameters)
-
-
-def _cache_keyword(fn: Any) -> str:
-    """`cache` (transformers >= 5.x) or `past_key_values` (before), whichever `fn` takes."""
-    return "cache" if "cache" in _params(fn) else "past_key_values"
 
 
 def _run_layers(layers: Any, hidden: Any, mask: Any, position_embeddings: Any, position_ids: Any,
