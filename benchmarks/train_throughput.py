@@ -274,6 +274,7 @@ def _trl_in_child(job: dict[str, Any], init_state: dict[str, Any], on_turn: Call
                 on_turn()
                 here.send(("go",))
         finally:
+            here.close()  # a child still waiting for its turn (we failed) gets EOF and exits
             child.join(timeout=30)
             if child.is_alive():
                 child.kill()
