@@ -66,9 +66,9 @@ def matmul_rate(dtype: Any, n: int = 1024, seconds: float = 1.5) -> float:
 def _layer_sizes(model: Any) -> tuple[list[int], int, int]:
     """Weights of the linear layers of each decoder layer, d_attn = heads x head_dim, and the LM head's size."""
     from safetypatch.models import decoder_layers
-    from safetypatch.train import _unwrap_lm
+    from safetypatch.hf_compat import unwrap_lm
 
-    lm = _unwrap_lm(model)
+    lm = unwrap_lm(model)
     cfg = lm.config
     d_attn = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     layer_params = []
