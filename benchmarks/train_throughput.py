@@ -318,7 +318,6 @@ def main(argv: list[str] | None = None) -> int:
         from safetypatch.malloc_tuning import tune_malloc
 
         malloc = tune_malloc()
-    trl_malloc = malloc if args.baseline == "tuned" else "default (own process)"
     torch.manual_seed(cfg.seed)
 
     # ---- data and initial adapter, shared by both trainers
@@ -410,9 +409,10 @@ def main(argv: list[str] | None = None) -> int:
     equal = abs(la - lb) <= 0.02 * max(abs(lb), 1e-12)
     print(f"model {cfg.model}; {len(examples)} examples; {total_steps} steps of batch {cfg.batch_size}; "
           f"{tokens} tokens; bf16 autocast {use_bf16}; torch threads {torch.get_num_threads()}")
-    gc = "off" if args.baseline == "tuned" else "on (SFTConfig default)"
-    print(f"baseline {args.baseline}: TRL in {'this process' if args.baseline == 'tuned' else 'a process of its own'}, "
-          f"gradient checkpointing {gc}; allocator: safetypatch {malloc}, TRL {trl_malloc}")
+    where, gc, trl_malloc = (("this process", "off", malloc) if args.baseline == "tuned" else
+                             ("a process of its own", "on (SFTConfig default)", "default (own process)"))
+    print(f"baseline {args.baseline}: TRL in {where}, gradient checkpointing {gc}; allocator: safetypatch {malloc}, "
+          f"TRL {trl_malloc}")
     print(f"machine: fp32 matmul {fp32 / 1e9:.0f} GFLOP/s, bf16 matmul {bf16 / 1e9:.0f} GFLOP/s "
           f"(best {1024}^3 torch.matmul)")
     print(f"recipe model FLOPs: {flops / tokens / 1e6:.0f} MFLOP/token (forward all layers + input-gradient "
