@@ -14,11 +14,11 @@ import sys
 import torch
 
 from safetypatch.config import PatchShape
-from safetypatch.contrast_init import _lora_modules, contrast_init
+from safetypatch.training.lora_init import _lora_modules, contrast_init
 from safetypatch.data import builtin_split
 from safetypatch.data.chat import prompt_ids
-from safetypatch.models import load_model
-from safetypatch.patch import attach_new_patch
+from safetypatch.modeling.loading import load_model
+from safetypatch.patches.artifact import attach_new_patch
 
 
 def projections(model, tok, records, modules, tail: int = 5) -> dict[str, list[float]]:

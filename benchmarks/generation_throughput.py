@@ -1,4 +1,4 @@
-"""Generation throughput: the eval suite's `safetypatch.generation.generate` against plain batched
+"""Generation throughput: the eval suite's `safetypatch.modeling.generation.generate` against plain batched
 `model.generate` on the same prompts (built-in harmful + benign test prompts, in the chat template).
 
 - safetypatch: `generate` as the evals call it (length-sorted batches, left padding, greedy by hand with the
@@ -27,7 +27,7 @@ def plain_generate(model: Any, tok: Any, prompts: list[Any], batch: int, max_new
     import torch
 
     from safetypatch.data.chat import prompt_ids
-    from safetypatch.generation import _stop_ids, as_chat
+    from safetypatch.modeling.generation import _stop_ids, as_chat
 
     stop = _stop_ids(model, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else stop[0]
@@ -85,10 +85,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    import safetypatch.generation as gm
+    import safetypatch.modeling.generation as gm
     from safetypatch.config import GenerationConfig
     from safetypatch.data.builtin import builtin_split
-    from safetypatch.models import load_model
+    from safetypatch.modeling.loading import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

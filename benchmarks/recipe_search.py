@@ -20,12 +20,13 @@ import sys
 import time
 from pathlib import Path
 
-from safetypatch.config import GenerationConfig, TrainConfig, from_dict
+from safetypatch.config import GenerationConfig, from_dict
+from safetypatch.training.config import TrainConfig
 from safetypatch.data.builtin import builtin_split
 from safetypatch.evals.refusal import generate_and_judge
 from safetypatch.judges import DEFAULT_JUDGES
-from safetypatch.models import load_model
-from safetypatch.train import train
+from safetypatch.modeling.loading import load_model
+from safetypatch.training.trainer import train
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -106,8 +106,8 @@ def tiny_patch(tiny_model_dir, tmp_path):
     import torch
 
     from safetypatch.config import PatchShape
-    from safetypatch.models import load_model
-    from safetypatch.patch import attach_new_patch, save_patch
+    from safetypatch.modeling.loading import load_model
+    from safetypatch.patches.artifact import attach_new_patch, save_patch
 
     model, _ = load_model(str(tiny_model_dir))
     model = attach_new_patch(model, PatchShape(rank=1, alpha=8.0, target_modules=["up_proj"], layers="all"))

@@ -7,10 +7,10 @@ import sys
 import pytest
 
 from safetypatch.config import GenerationConfig
-from safetypatch.generation import (
-    BackendError, TransformersBackend, VLLMBackend, generate, get_backend, vllm_lora_rank,
-)
-from safetypatch.models import ModelError
+from safetypatch.errors import BackendError
+from safetypatch.modeling.backends import TransformersBackend, VLLMBackend, get_backend, vllm_lora_rank
+from safetypatch.modeling.generation import generate
+from safetypatch.errors import ModelError
 
 PROMPTS = ["Write a poem about the sea.", "How do I kill a Python process?", "Hi",
            [{"role": "user", "content": "The capital of France is"}]]

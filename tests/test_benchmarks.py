@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from safetypatch.data.readers import DataError
+from safetypatch.errors import DataError
 from safetypatch.evals.benchmarks import BENCHMARKS, list_benchmarks, load_benchmark
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from conftest import build_tiny_model
-from safetypatch.calibrate import CalibrationConfig, calibrate, choose_factor, set_scale
+from safetypatch.jobs.calibrate import CalibrationConfig, calibrate, choose_factor, set_scale
 from safetypatch.config import GenerationConfig, PatchShape
-from safetypatch.generation import generate
-from safetypatch.patch import attach_new_patch, load_patch, save_patch, verify_files
+from safetypatch.modeling.generation import generate
+from safetypatch.patches.artifact import attach_new_patch, load_patch, save_patch, verify_files
 
 
 def test_choose_factor_strongest_within_budget():
@@ -76,12 +76,12 @@ def test_cli_refuses_bad_factors(capsys):
 
 
 def test_sweep_at_zero_generates_exactly_what_the_base_model_does(tiny_tok, patch_and_prompts, monkeypatch):
-    import safetypatch.train
-    from safetypatch.calibrate import _bf16_ok, dev_prompts, sweep
-    from safetypatch.train import refusal_rates
+    import safetypatch.training.trainer
+    from safetypatch.jobs.calibrate import _bf16_ok, dev_prompts, sweep
+    from safetypatch.training.trainer import refusal_rates
 
     judged: list[str] = []
-    monkeypatch.setattr(safetypatch.train, "keyword_refusal", lambda text: judged.append(text) or False)
+    monkeypatch.setattr(safetypatch.training.trainer, "keyword_refusal", lambda text: judged.append(text) or False)
     d = patch_and_prompts
     cfg = CalibrationConfig(factors=(1.0,), dev_harmful=str(d / "h.jsonl"), dev_benign=str(d / "b.jsonl"),
                             max_new_tokens=5, batch_size=3)

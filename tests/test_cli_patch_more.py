@@ -12,9 +12,9 @@ import torch
 from conftest import build_tiny_model
 from safetypatch.cli import main
 from safetypatch.config import PatchShape
-from safetypatch.models import fingerprint, load_model
-from safetypatch.patch import attach_new_patch, save_patch, verify_files
-from safetypatch.patch_ops import delta_weights
+from safetypatch.modeling.loading import fingerprint, load_model
+from safetypatch.patches.artifact import attach_new_patch, save_patch, verify_files
+from safetypatch.patches.ops import delta_weights
 
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -152,9 +152,9 @@ def test_chat_reads_stdin_lines_and_shows_both_answers(tiny_tok, tiny_model_dir,
 # ---------------------------------------------------------------------------------------------- calibrate
 def test_calibrate_cli_records_applies_and_refuses_to_overwrite(tiny_tok, tiny_model_dir, tmp_path, capsys,
                                                                monkeypatch):
-    import safetypatch.train
+    import safetypatch.training.trainer
 
-    monkeypatch.setattr(safetypatch.train, "keyword_refusal", lambda text: False)  # flat curve: ties -> smallest s
+    monkeypatch.setattr(safetypatch.training.trainer, "keyword_refusal", lambda text: False)  # flat curve: ties -> smallest s
     p = make_patch(tiny_tok, tmp_path / "p")
     sha = verify_files(p)["weights"]["sha256"]
     h = jsonl(tmp_path / "h.jsonl", [f"harmful request {i}" for i in range(3)])

@@ -1,6 +1,8 @@
 import pytest
 
-from safetypatch.config import ConfigError, TrainConfig, from_dict, load_yaml, parse_layers
+from safetypatch.errors import ConfigError
+from safetypatch.training.config import TrainConfig
+from safetypatch.config import from_dict, load_yaml, parse_layers
 
 
 @pytest.mark.parametrize("spec,n,expected", [

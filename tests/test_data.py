@@ -3,7 +3,8 @@ import json
 import pytest
 
 from conftest import SHARED, write_jsonl
-from safetypatch.data import DataError, builtin_split, load_builtin, read_records
+from safetypatch.errors import DataError
+from safetypatch.data import builtin_split, load_builtin, read_records
 from safetypatch.data.builtin import SPLITS
 from safetypatch.judges import XSTEST_REFUSAL_PREFIXES
 

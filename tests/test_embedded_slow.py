@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from safetypatch.models import ModelError
+from safetypatch.errors import ModelError
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ def shared_home(monkeypatch):
 
 def _embedded_available():
     try:
-        from safetypatch.models import embedded_gguf_path
+        from safetypatch.modeling.loading import embedded_gguf_path
 
         embedded_gguf_path()
         return True
@@ -34,7 +34,7 @@ needs_embedded = pytest.mark.skipif(not _embedded_available(), reason="llm-smoll
 
 @needs_embedded
 def test_embedded_model_converts_once_and_fingerprints(shared_home):
-    from safetypatch.models import fingerprint, gguf_cache_dir, embedded_gguf_path, load_model
+    from safetypatch.modeling.loading import fingerprint, gguf_cache_dir, embedded_gguf_path, load_model
 
     model, tok = load_model("default")
     assert (gguf_cache_dir(embedded_gguf_path()) / "model.safetensors").exists()

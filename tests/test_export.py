@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from conftest import build_tiny_model
-from safetypatch.export import export_gguf, export_peft
-from safetypatch.patch import PatchError, load_patch
-from safetypatch.patch_ops import delta_weights, lora_deltas
+from safetypatch.patches.export import export_gguf, export_peft
+from safetypatch.errors import PatchError
+from safetypatch.patches.artifact import load_patch
+from safetypatch.patches.ops import delta_weights, lora_deltas
 from test_patch_ops import ALL_MODULES, logits, make_patch, patched_logits, run_cli
 
 GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
@@ -131,7 +132,7 @@ def test_export_gguf_head_counts(tiny_tok, tiny_model_dir, tmp_path, monkeypatch
 def test_head_counts_from_gguf_base(tmp_path):
     import gguf
 
-    from safetypatch.export import head_counts
+    from safetypatch.patches.export import head_counts
 
     w = gguf.GGUFWriter(str(tmp_path / "base.gguf"), "llama")
     w.add_head_count(6)

@@ -4,9 +4,9 @@ greedy outputs token for token on a tiny model (tests never time)."""
 import pytest
 import torch
 
-import safetypatch.generation as gen_mod
+import safetypatch.modeling.generation as gen_mod
 from safetypatch.config import GenerationConfig
-from safetypatch.generation import _shared_prefix, generate
+from safetypatch.modeling.generation import _shared_prefix, generate
 
 from conftest import build_tiny_model
 
@@ -63,7 +63,7 @@ def test_finished_rows_leave_the_batch_with_the_same_outputs(tiny_tok, monkeypat
 
 def test_patched_model_and_sampling_fallback(tiny_tok, monkeypatch):
     from safetypatch.config import PatchShape
-    from safetypatch.patch import attach_new_patch
+    from safetypatch.patches.artifact import attach_new_patch
 
     model = attach_new_patch(_lively(build_tiny_model(tiny_tok, seed=4)), PatchShape(rank=2, layers="all"))
     with torch.no_grad():
@@ -95,7 +95,7 @@ def test_generate_keeps_a_callers_autocast(tiny_tok):
 
     from conftest import build_tiny_model
     from safetypatch.config import GenerationConfig
-    from safetypatch.generation import generate
+    from safetypatch.modeling.generation import generate
 
     model = build_tiny_model(tiny_tok)
     for mod in model.modules():

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from safetypatch import geometry as g
+from safetypatch.geometry import analysis as g
 from safetypatch.config import PatchShape
 
 D_OUT, D_IN, K = 64, 48, 8
@@ -147,7 +147,7 @@ def _layer_module(peft_model, layer, module):
 def test_lora_updates_equal_scaled_BA(tiny_tok, tmp_path, extra):
     from peft import LoraConfig, get_peft_model
 
-    from safetypatch.patch import attach_new_patch, save_patch
+    from safetypatch.patches.artifact import attach_new_patch, save_patch
     from tests.conftest import build_tiny_model
 
     if extra:
@@ -210,8 +210,8 @@ def test_svd_cache_is_safetensors_and_checked(planted, tmp_path, tiny_tok):
 
 # --------------------------------------------------------------------------------- analyze + CLI
 def _saved_patch(model_dir, out, seed=0):
-    from safetypatch.models import load_model
-    from safetypatch.patch import attach_new_patch, save_patch
+    from safetypatch.modeling.loading import load_model
+    from safetypatch.patches.artifact import attach_new_patch, save_patch
 
     model, _ = load_model(str(model_dir))
     pm = _random_lora(attach_new_patch(model, PatchShape(rank=2, alpha=4, target_modules=["up_proj", "v_proj"],
@@ -247,7 +247,7 @@ def test_analyze_patch_writes_files(tiny_model_dir, tmp_path, capsys):
 
 
 def test_hidden_shift_zero_for_noop_patch(tiny_tok):
-    from safetypatch.patch import attach_new_patch
+    from safetypatch.patches.artifact import attach_new_patch
     from tests.conftest import build_tiny_model
 
     pm = attach_new_patch(build_tiny_model(tiny_tok), PatchShape(rank=1, target_modules=["up_proj"], layers="all"))
@@ -261,13 +261,13 @@ def test_cli_module_imports_no_torch():
     import subprocess
     import sys
 
-    code = "import sys, safetypatch.cli_analyze; print('torch' in sys.modules)"
+    code = "import sys, safetypatch.cli.analyze; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
 
 def _parser():
-    from safetypatch.cli_analyze import register
+    from safetypatch.cli.analyze import register
 
     p = argparse.ArgumentParser()
     register(p.add_subparsers(dest="command", required=True))
@@ -275,7 +275,7 @@ def _parser():
 
 
 def test_cli_analyze_finetuned(tiny_model_dir, tiny_tok, tmp_path, capsys):
-    from safetypatch.models import load_model
+    from safetypatch.modeling.loading import load_model
 
     model, tok = load_model(str(tiny_model_dir))
     w = model.model.layers[1].mlp.gate_proj.weight

@@ -2,9 +2,10 @@ import pytest
 import torch
 
 from conftest import build_tiny_model
-from safetypatch.config import PatchShape, TrainConfig
-from safetypatch.geometry_reg import OverlapPenalty
-from safetypatch.patch import attach_new_patch
+from safetypatch.config import PatchShape
+from safetypatch.training.config import TrainConfig
+from safetypatch.training.regularizer import OverlapPenalty
+from safetypatch.patches.artifact import attach_new_patch
 from test_train import _cfg
 
 
@@ -64,9 +65,9 @@ def test_planted_inside_is_large_and_orthogonal_is_zero(tiny_tok):
 
 
 def test_training_with_the_regularizer_lowers_the_overlap(tiny_model_dir, harmful_file, benign_file, tmp_path):
-    from safetypatch.geometry import lora_updates
-    from safetypatch.models import load_model
-    from safetypatch.train import train
+    from safetypatch.geometry.analysis import lora_updates
+    from safetypatch.modeling.loading import load_model
+    from safetypatch.training.trainer import train
 
     def overlap(patch):
         base, _ = load_model(str(tiny_model_dir))
@@ -87,7 +88,7 @@ def test_training_with_the_regularizer_lowers_the_overlap(tiny_model_dir, harmfu
 
 
 def test_config_validation():
-    from safetypatch.config import ConfigError
+    from safetypatch.errors import ConfigError
 
     with pytest.raises(ConfigError, match="overlap_side"):
         TrainConfig(overlap_side="diagonal").validate()
@@ -96,7 +97,7 @@ def test_config_validation():
 
 
 def test_row_penalty_with_a_frozen_a_warns(tiny_model_dir, harmful_file, benign_file, tmp_path, capsys):
-    from safetypatch.train import train
+    from safetypatch.training.trainer import train
 
     common = dict(init="default", freeze_a=True, epochs=0.25, overlap_beta=1.0, overlap_k=2)
     train(_cfg(tiny_model_dir, harmful_file, benign_file, overlap_side="both", **common), tmp_path / "both",

@@ -12,12 +12,8 @@ import pytest
 
 from conftest import SHARED
 from safetypatch.judges import JUDGES, Verdict, get_judge, verdict_summary
-from safetypatch.judges_model import (
-    HARMBENCH_CLS_PROMPT, HARMBENCH_CLS_PROMPT_CONTEXTUAL, MODEL_JUDGES, STRONGREJECT_PROMPT, XSTEST_CLASSES,
-    XSTEST_CLASSIFY_PROMPT, XSTEST_SYSTEM_PROMPT, JudgeError, _RawPromptTokenizer, format_harmbench,
-    format_strongreject, format_xstest, parse_harmbench, parse_llamaguard, parse_strongreject, parse_xstest,
-    strongreject_score,
-)
+from safetypatch.judges.model_judges import HARMBENCH_CLS_PROMPT, HARMBENCH_CLS_PROMPT_CONTEXTUAL, MODEL_JUDGES, STRONGREJECT_PROMPT, XSTEST_CLASSES, XSTEST_CLASSIFY_PROMPT, XSTEST_SYSTEM_PROMPT, _RawPromptTokenizer, format_harmbench, format_strongreject, format_xstest, parse_harmbench, parse_llamaguard, parse_strongreject, parse_xstest, strongreject_score
+from safetypatch.errors import JudgeError
 
 BAD = Verdict(None, "unparseable", parsed=False)
 
@@ -273,7 +269,7 @@ def test_tiny_model_garbage_is_unparseable(name, tiny_model, tiny_tok):
 ])
 def test_scripted_judge_end_to_end(name, reply, expected, tiny_model, tiny_tok, monkeypatch):
     """With `generate` scripted to answer `reply`, a judge sends its formatted inputs greedily and parses the reply."""
-    import safetypatch.generation as generation
+    import safetypatch.modeling.generation as generation
 
     calls = []
 

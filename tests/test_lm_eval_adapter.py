@@ -8,12 +8,11 @@ import types
 import pytest
 import torch
 
-from safetypatch import models
-from safetypatch.evals.lm_eval_adapter import (
-    LMEvalUnavailable, model_args, run_lm_eval, simple_evaluate_kwargs,
-)
-from safetypatch.models import ModelError
-from safetypatch.patch import PatchError
+from safetypatch.modeling import loading as models
+from safetypatch.errors import LMEvalUnavailable
+from safetypatch.evals.lm_eval_adapter import model_args, run_lm_eval, simple_evaluate_kwargs
+from safetypatch.errors import ModelError
+from safetypatch.errors import PatchError
 
 
 @pytest.fixture()

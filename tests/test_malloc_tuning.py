@@ -6,12 +6,12 @@ import sys
 
 import pytest
 
-from safetypatch.malloc_tuning import tune_malloc
+from safetypatch.training.malloc import tune_malloc
 
 _FAULTS = """
 import resource, sys, torch
 if sys.argv[1] == "tune":
-    from safetypatch.malloc_tuning import tune_malloc
+    from safetypatch.training.malloc import tune_malloc
     print(tune_malloc(), file=sys.stderr)
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

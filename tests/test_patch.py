@@ -5,8 +5,9 @@ import torch
 
 from conftest import build_tiny_model
 from safetypatch.config import PatchShape
-from safetypatch.models import fingerprint
-from safetypatch.patch import PatchError, attach_new_patch, load_patch, patch_info, save_patch, verify_files
+from safetypatch.modeling.loading import fingerprint
+from safetypatch.errors import PatchError
+from safetypatch.patches.artifact import attach_new_patch, load_patch, patch_info, save_patch, verify_files
 
 SHAPE = PatchShape(rank=2, alpha=4.0, target_modules=["up_proj", "q_proj"], layers="1")
 
@@ -118,7 +119,7 @@ def test_half_precision_save(tiny_tok, tmp_path):
 
 def test_certificate_recorded_without_touching_weights(tiny_tok, saved_patch, capsys):
     from safetypatch.cli import main
-    from safetypatch.patch import record_evaluation
+    from safetypatch.patches.artifact import record_evaluation
 
     _, path = saved_patch
     record_evaluation(path, {"suite": "builtin:harmful:test", "n": 3,
@@ -151,7 +152,7 @@ def test_fingerprint_covers_every_weight_matrix_and_old_patches_still_load(tiny_
 
     import torch
 
-    from safetypatch.models import fingerprint, fingerprint_differences
+    from safetypatch.modeling.loading import fingerprint, fingerprint_differences
 
     base = build_tiny_model(tiny_tok)
     changed = build_tiny_model(tiny_tok)

@@ -7,10 +7,10 @@ import torch
 
 from conftest import build_tiny_model
 from safetypatch.config import PatchShape
-from safetypatch.models import fingerprint
-from safetypatch.patch import PatchError, attach_new_patch, load_patch, save_patch, verify_files
-from safetypatch.patch_ops import (apply_patch, delta_weights, lora_deltas, merge_into, scale_patch, stack_patches,
-                                   unmerge)
+from safetypatch.modeling.loading import fingerprint
+from safetypatch.errors import PatchError
+from safetypatch.patches.artifact import attach_new_patch, load_patch, save_patch, verify_files
+from safetypatch.patches.ops import apply_patch, delta_weights, lora_deltas, merge_into, scale_patch, stack_patches, unmerge
 
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -19,7 +19,7 @@ def make_patch(tok, path, rank=2, alpha=4.0, modules=("up_proj", "q_proj"), laye
     """A saved patch with random A and B (PEFT's init has B = 0, which would hide mistakes)."""
     from peft import get_peft_model
 
-    from safetypatch.patch import lora_config
+    from safetypatch.patches.artifact import lora_config
 
     base = build_tiny_model(tok, seed=base_seed)
     if extra:
@@ -59,7 +59,8 @@ def base_weights(model):
 
 def run_cli(argv, monkeypatch=None):
     """Run `safetypatch ...` through cli.main with cli_patch.register wired into the `patch` group."""
-    from safetypatch import cli, cli_patch
+    from safetypatch import cli
+    from safetypatch.cli import patch as cli_patch
 
     build = cli.build_parser
 
@@ -97,7 +98,7 @@ def test_lora_deltas_equal_peft_merge(tiny_tok, tmp_path, extra):
 
 
 def test_lora_deltas_refuse_non_lora(tiny_tok, tmp_path):
-    from safetypatch.patch_ops import read_adapter
+    from safetypatch.patches.ops import read_adapter
 
     config, tensors = read_adapter(make_patch(tiny_tok, tmp_path / "p"))
     with pytest.raises(PatchError, match="DoRA"):

@@ -4,12 +4,13 @@ import shutil
 import pytest
 
 from conftest import build_tiny_model
-from safetypatch.config import ConfigError, PatchShape
+from safetypatch.errors import ConfigError
+from safetypatch.config import PatchShape
 from safetypatch.data.readers import Record
-from safetypatch.models import fingerprint
-from safetypatch.patch import attach_new_patch, load_patch, save_patch, verify_files
-from safetypatch.patch_ops import delta_weights
-from safetypatch.redteam import RedteamConfig, format_table, pick_failures, run_redteam, split_pool
+from safetypatch.modeling.loading import fingerprint
+from safetypatch.patches.artifact import attach_new_patch, load_patch, save_patch, verify_files
+from safetypatch.patches.ops import delta_weights
+from safetypatch.jobs.redteam import RedteamConfig, format_table, pick_failures, run_redteam, split_pool
 
 
 def test_split_and_pick_round_robin():
@@ -91,7 +92,7 @@ def test_two_rounds_on_tiny_model(tiny_tok, tmp_path, monkeypatch):
 
 def test_refusal_examples_use_the_pool_refusal_else_a_generic_one():
     from safetypatch.judges import keyword_refusal
-    from safetypatch.redteam import refusal_examples
+    from safetypatch.jobs.redteam import refusal_examples
 
     failures = [{"prompt": "p", "wrapped": "WRAP p", "reference": "No, I won't do that."},
                 {"prompt": "q", "wrapped": "WRAP q", "reference": None},

@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
-from safetypatch.config import ConfigError, TrainConfig
-from safetypatch.train import train
+from safetypatch.errors import ConfigError
+from safetypatch.training.config import TrainConfig
+from safetypatch.training.trainer import train
 
 from conftest import build_tiny_model
 
@@ -76,7 +77,7 @@ def test_full_finetuning_caches_below_the_trained_layers(deep_model_dir, harmful
 
 
 def test_forward_from_layer_matches_the_full_decoder_with_padding(tiny_tok):
-    from safetypatch.train import _unwrap_lm, forward_from_layer
+    from safetypatch.training.trainer import _unwrap_lm, forward_from_layer
 
     model = build_tiny_model(tiny_tok, layers=4)
     ids = torch.randint(3, len(tiny_tok), (3, 11))
@@ -89,7 +90,7 @@ def test_forward_from_layer_matches_the_full_decoder_with_padding(tiny_tok):
         h = dec.embed_tokens(ids)
         for start in (0, 2):
             if start:
-                from safetypatch.train import PrefixCache
+                from safetypatch.training.trainer import PrefixCache
 
                 pc = PrefixCache.__new__(PrefixCache)
                 pc.start, pc.shared = 2, 0
@@ -131,8 +132,8 @@ def test_padding_does_not_leak_between_examples_of_a_batch(deep_model_dir, harmf
     """Length-grouped right-padded batches: an example's per-token loss is the same alone or with others."""
     import torch.nn.functional as F
 
-    from safetypatch.models import load_model
-    from safetypatch.train import build_examples, collate, response_logits
+    from safetypatch.modeling.loading import load_model
+    from safetypatch.training.trainer import build_examples, collate, response_logits
 
     cfg = _cfg(deep_model_dir, harmful_file, benign_file)
     model, tok = load_model(str(deep_model_dir))
@@ -154,8 +155,8 @@ def test_train_step_and_speed_paths_are_usable_outside_train(deep_model_dir, har
     """The benchmark drives training through SpeedPaths + train_step; they restore the model afterwards."""
     from transformers import get_scheduler
 
-    from safetypatch.models import load_model
-    from safetypatch.train import SpeedPaths, batches, build_examples, prepare_model, train_step
+    from safetypatch.modeling.loading import load_model
+    from safetypatch.training.trainer import SpeedPaths, batches, build_examples, prepare_model, train_step
 
     cfg = _cfg(deep_model_dir, harmful_file, benign_file, bf16="yes")
     model, tok = load_model(str(deep_model_dir))
@@ -185,7 +186,7 @@ def test_speed_fields_are_validated():
 def test_shared_prompt_prefix_gives_the_full_decoders_states_and_gradients(tiny_tok, attn):
     """Rows that share their first tokens: running those once and attending to their cached keys / values gives
     the same hidden states and the same gradients (through the shared part too) as running every row whole."""
-    from safetypatch.train import _unwrap_lm, forward_from_layer
+    from safetypatch.training.trainer import _unwrap_lm, forward_from_layer
 
     model = build_tiny_model(tiny_tok, layers=4)
     model.set_attn_implementation(attn)
@@ -229,7 +230,7 @@ def test_shared_prompt_prefix_gives_the_same_loss(deep_model_dir, harmful_file, 
 
 def test_shared_prefix_length():
     from safetypatch.data.chat import Encoded
-    from safetypatch.train import shared_prefix_length
+    from safetypatch.training.trainer import shared_prefix_length
 
     def ex(*ids):
         return Encoded(input_ids=list(ids), labels=list(ids), kind="refusal")
@@ -241,7 +242,7 @@ def test_shared_prefix_length():
 
 
 def test_trainer_records_the_allocator_setting(deep_model_dir, harmful_file, benign_file, tmp_path):
-    from safetypatch.malloc_tuning import tune_malloc
+    from safetypatch.training.malloc import tune_malloc
 
     on, _ = _run(tmp_path, "on", deep_model_dir, harmful_file, benign_file)
     off, _ = _run(tmp_path, "off", deep_model_dir, harmful_file, benign_file, tune_malloc=False)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from safetypatch.store import MetricRow, ResultsStore, RunInfo, SampleRow, StoreError, compare_runs, default_db_path
+from safetypatch.evals.store import MetricRow, ResultsStore, RunInfo, SampleRow, compare_runs, default_db_path
+from safetypatch.errors import StoreError
 
 
 def _record(store: ResultsStore, tag: str, value: float = 0.5, n_samples: int = 3) -> int:
@@ -97,7 +98,7 @@ def test_concurrent_threads_all_land(tmp_path):
 
 WRITER = """
 import sys, time
-from safetypatch.store import MetricRow, ResultsStore, RunInfo, SampleRow
+from safetypatch.evals.store import MetricRow, ResultsStore, RunInfo, SampleRow
 db, tag, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
 while time.time() < start:
     time.sleep(0.005)

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import write_jsonl
 from safetypatch.cli import main
-from safetypatch.evals.suite import SuiteError, list_suites, load_suite, three_class
+from safetypatch.errors import SuiteError
+from safetypatch.evals.suite import list_suites, load_suite, three_class
 from safetypatch.judges import get_judge
 
 
@@ -161,7 +162,7 @@ def test_tiny_suite_end_to_end(tiny_model_dir, tiny_patch, data_root, tmp_path, 
     assert {r["type"] for r in utility_rows} == {"kl", "mc", "gsm8k"}
 
     # the same samples are in the DB, and `runs` / `compare` show them
-    from safetypatch.store import ResultsStore
+    from safetypatch.evals.store import ResultsStore
 
     with ResultsStore(db) as st:
         assert st.count("runs") == 1 and st.count("samples", 1) >= len(rows) * 2
@@ -284,8 +285,8 @@ def test_all_entries_skipped_is_an_error(tiny_model_dir, tmp_path, capsys, monke
 
 def test_finetuned_model_is_compared_with_its_base_like_a_patch(tiny_model_dir, tiny_patch, tmp_path, capsys):
     """A full fine-tune equal to base + patch (the patch merged) gets the same refusal rates and KL as the patch."""
-    from safetypatch.models import load_model
-    from safetypatch.patch import load_patch
+    from safetypatch.modeling.loading import load_model
+    from safetypatch.patches.artifact import load_patch
 
     model, tok = load_model(str(tiny_model_dir))
     merged = load_patch(model, tiny_patch).merge_and_unload()

@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-from safetypatch.config import TrainConfig
-from safetypatch.models import load_model
-from safetypatch.patch import load_patch
-from safetypatch.train import train
+from safetypatch.training.config import TrainConfig
+from safetypatch.modeling.loading import load_model
+from safetypatch.patches.artifact import load_patch
+from safetypatch.training.trainer import train
 
 
 def _cfg(model_dir, harmful_file, benign_file, **kw):
@@ -50,7 +50,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_model_dir, har
                                                              monkeypatch):
     from safetensors.torch import load_file
 
-    import safetypatch.train as tr
+    import safetypatch.training.trainer as tr
 
     cfg = lambda: _cfg(tiny_model_dir, harmful_file, benign_file, eval_every=3)  # noqa: E731
     ref = train(cfg(), tmp_path / "ref", progress=False)
@@ -96,9 +96,9 @@ def test_full_finetuning_and_mixing(tiny_model_dir, harmful_file, benign_file, t
 @pytest.mark.parametrize("init", ["contrast", "lda"])
 def test_contrast_init_starts_as_a_no_op_and_sets_a_direction(tiny_model_dir, harmful_file, benign_file, tmp_path,
                                                              init):
-    from safetypatch.contrast_init import contrast_init
+    from safetypatch.training.lora_init import contrast_init
     from safetypatch.data import read_records
-    from safetypatch.patch import attach_new_patch
+    from safetypatch.patches.artifact import attach_new_patch
     from safetypatch.config import PatchShape
 
     model, tok = load_model(str(tiny_model_dir))
@@ -131,7 +131,7 @@ def test_freeze_a_trains_b_only(tiny_model_dir, harmful_file, benign_file, tmp_p
 
 
 def test_harmful_groups_split_whole_categories():
-    from safetypatch.contrast_init import harmful_groups
+    from safetypatch.training.lora_init import harmful_groups
     from safetypatch.data import Record
 
     recs = [Record(prompt=f"p{i}", meta={"category": c}) for i, c in enumerate("aabbccd")]
@@ -143,7 +143,7 @@ def test_harmful_groups_split_whole_categories():
 
 
 def test_response_positions_count_from_the_first_answer_token():
-    from safetypatch.train import response_positions
+    from safetypatch.training.trainer import response_positions
 
     labels = torch.tensor([[-100, -100, 5, 6, 7], [-100, 8, 9, -100, -100]])
     # targets are labels[:, 1:]: row 0 has answer tokens 5, 6, 7; row 1 has 8, 9
@@ -151,7 +151,7 @@ def test_response_positions_count_from_the_first_answer_token():
 
 
 def test_dev_score_penalises_over_refusal_beyond_tolerance():
-    from safetypatch.train import dev_score
+    from safetypatch.training.trainer import dev_score
 
     rates = {"harmful_refusal": 0.9, "benign_refusal": 0.10}
     assert dev_score(rates, base_benign=0.08) == pytest.approx(0.9)  # within the 2-point tolerance

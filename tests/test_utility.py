@@ -7,9 +7,9 @@ import pytest
 
 from conftest import write_jsonl
 from safetypatch.config import GenerationConfig, PatchShape
-from safetypatch.data.readers import DataError
+from safetypatch.errors import DataError
 from safetypatch.evals import utility
-from safetypatch.patch import attach_new_patch
+from safetypatch.patches.artifact import attach_new_patch
 
 
 def _direct_loglik(model, tok, ctx: str, cont: str) -> float:
@@ -147,7 +147,7 @@ def test_kl_is_zero_for_a_zero_patch_and_positive_otherwise(tiny_model, tiny_tok
 
 
 def test_kl_needs_a_patch(tiny_model, tiny_tok):
-    from safetypatch.config import ConfigError
+    from safetypatch.errors import ConfigError
 
     with pytest.raises(ConfigError, match="needs a patched model"):
         utility.kl_to_base(tiny_model, tiny_tok, _prompts())

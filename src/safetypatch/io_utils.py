@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import contextlib
 import datetime as _dt
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+from .errors import OutputExistsError
 
 
 def fsync_dir(path: Path) -> None:
@@ -76,8 +78,6 @@ def sha256_text(*parts: str) -> str:
     return h.hexdigest()
 
 
-class OutputExistsError(FileExistsError):
-    """An output directory already holds results; nothing is overwritten silently."""
 
 
 def claim_output_dir(path: str | Path, resume: bool = False, marker: str | None = None) -> Path:
@@ -118,3 +118,20 @@ def commit_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     os.replace(tmp, out)
     fsync_dir(out.parent)
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Build a directory output in a temp dir beside `out`, then commit it in one rename (see `commit_dir`).
+
+        with staged_dir(out, overwrite) as tmp:
+            write files into tmp
+    An existing non-empty `out` is refused unless `overwrite`; if the block raises, nothing is committed and the
+    temp dir is removed."""
+    out = Path(out)
+    tmp = claim_tmp_dir(out, overwrite)
+    try:
+        yield tmp
+        commit_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -2,7 +2,8 @@
 
 from .builtin import builtin_split, load_builtin, resolve_prompts, split_records
 from .chat import IGNORE_INDEX, Encoded, encode_example, prompt_ids, prompt_text
-from .readers import DataError, Record, read_records
+from ..errors import DataError
+from .readers import Record, read_records
 
 __all__ = [
     "DataError", "Encoded", "IGNORE_INDEX", "Record", "builtin_split", "encode_example", "load_builtin",

@@ -21,7 +21,8 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
-from .readers import DataError, Record, read_records
+from ..errors import DataError
+from .readers import Record, read_records
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 BUILTIN_FILES = {"harmful": "harmful.jsonl", "benign": "benign.jsonl", "benign_extra": "benign_extra.jsonl",

@@ -10,10 +10,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
+from ..errors import DataError
 
 
-class DataError(ValueError):
-    """A data file or row is unusable; the message names file, line and field."""
 
 
 @dataclass

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..data.readers import DataError, Record
+from ..errors import DataError
+from ..data.readers import Record
 
 
 @dataclass(frozen=True)

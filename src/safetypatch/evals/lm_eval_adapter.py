@@ -12,14 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from .. import models as _models
-from ..models import ModelError
+from ..modeling import loading as _models
+from ..errors import ModelError
+from ..errors import LMEvalUnavailable
 
 LM_EVAL_INSTALL_HINT = "pip install 'safetypatch[lm-eval]' (or pip install lm-eval)"
 
 
-class LMEvalUnavailable(ModelError):
-    """lm-evaluation-harness is not installed."""
 
 
 def _require_lm_eval() -> Any:
@@ -43,7 +42,7 @@ def model_args(model: str = "default", patch: str | Path | None = None, dtype: s
     """The `model_args` string for lm-eval's "hf" model: pretrained=DIR[,peft=PATCH][,dtype=..][,k=v...]."""
     pairs = {"pretrained": _models.model_directory(model)}
     if patch is not None:
-        from ..patch import check_adapter_dir
+        from ..patches.artifact import check_adapter_dir
 
         pairs["peft"] = str(check_adapter_dir(patch))
     if dtype:

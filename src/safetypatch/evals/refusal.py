@@ -18,7 +18,7 @@ from typing import Any, Iterator
 from ..config import GenerationConfig, to_dict
 from ..data.builtin import resolve_prompts
 from ..data.readers import Record
-from ..generation import generate
+from ..modeling.generation import generate
 from ..io_utils import atomic_write_json, claim_output_dir
 from ..judges import DEFAULT_JUDGES, get_judge
 
@@ -97,8 +97,8 @@ def run_eval(req: EvalRequest, out_dir: str | Path, resume: bool = False,
              model_and_tok: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """Generate, judge and write samples.jsonl + summary.json; returns the summary."""
     from ..data.readers import write_jsonl_atomic
-    from ..models import load_model
-    from ..patch import load_patch
+    from ..modeling.loading import load_model
+    from ..patches.artifact import load_patch
 
     out = claim_output_dir(out_dir, resume=resume, marker="summary.json")
     t0 = time.time()

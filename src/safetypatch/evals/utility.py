@@ -24,8 +24,9 @@ from typing import Any, Sequence
 
 from ..config import GenerationConfig
 from ..data.chat import prompt_ids
-from ..data.readers import DataError, iter_rows
-from ..generation import as_chat, generate
+from ..errors import DataError
+from ..data.readers import iter_rows
+from ..modeling.generation import as_chat, generate
 from .refusal import _variant as model_variant  # noqa: F401  (re-exported: base / patched of one loaded model)
 
 LETTERS = "ABCDEFGHIJ"
@@ -486,7 +487,7 @@ def kl_to_base(model: Any, tok: Any, prompts: Sequence[Any], gen: GenerationConf
     import torch
     from tqdm.auto import tqdm
 
-    from ..config import ConfigError
+    from ..errors import ConfigError
 
     if not hasattr(model, "disable_adapter"):
         raise ConfigError("KL to base needs a patched model (a PEFT model with an adapter); give --patch")

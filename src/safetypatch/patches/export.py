@@ -1,0 +1,222 @@
+"""Export a patch for serving: a clean PEFT adapter for vLLM (`--enable-lora`) or a llama.cpp LoRA adapter (GGUF).
+
+vLLM applies one scale (lora_alpha / r) to every module and accepts no modules_to_save, so per-module scales
+(rank_pattern / alpha_pattern / rslora) are folded into lora_B. llama.cpp computes the scale per tensor as
+adapter.lora.alpha / rank, so per-module scales are folded into lora_b there too. For the `llama` architecture
+llama.cpp stores q / k projections with their rows permuted for its RoPE layout (convert_hf_to_gguf's
+`LlamaModel.permute`); the rows of lora_b for q_proj / k_proj are permuted the same way (as convert_lora_to_gguf
+does), which needs the base model's head counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+from ..io_utils import fsync_dir
+from ..errors import PatchError
+from .artifact import verify_files
+from .ops import Delta, layer_of, leaf_of, lora_deltas, peft_key, read_adapter, write_adapter_dir
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted --max-lora-rank values
+PERMUTE_QK_ARCHS = ("llama",)  # archs whose HF->GGUF conversion permutes q/k rows (LlamaModel.undo_permute)
+HF_TO_GGUF = {  # HF Llama-family module name -> gguf MODEL_TENSOR member name
+    "q_proj": "ATTN_Q", "k_proj": "ATTN_K", "v_proj": "ATTN_V", "o_proj": "ATTN_OUT",
+    "gate_proj": "FFN_GATE", "up_proj": "FFN_UP", "down_proj": "FFN_DOWN",
+}
+
+
+def _is_standard(config: Mapping[str, Any]) -> bool:
+    return not (config.get("rank_pattern") or config.get("alpha_pattern") or config.get("use_rslora"))
+
+
+# ------------------------------------------------------------------------------------------------ PEFT / vLLM
+def _rank_hint(rank: int) -> int | None:
+    return next((r for r in VLLM_MAX_LORA_RANKS if r >= rank), None)
+
+
+def export_peft(patch_dir: str | Path, out_dir: str | Path, max_lora_rank: int = 16,
+                overwrite: bool = False) -> list[str]:
+    """Write a clean PEFT adapter dir (adapter_config.json + adapter_model.safetensors) that vLLM loads with
+    `--enable-lora`; returns warnings (e.g. the rank is above `max_lora_rank`)."""
+    import torch
+
+    meta = verify_files(patch_dir)
+    config, _ = read_adapter(patch_dir)
+    deltas = lora_deltas(patch_dir)
+    if _is_standard(config):
+        rank, alpha = int(config["r"]), float(config["lora_alpha"])
+        tensors = {peft_key(m, ab): t for m, (a, b, _) in deltas.items() for ab, t in (("A", a), ("B", b))}
+    else:  # one rank and scale for all: r = max rank (zero-padded), alpha = r (scale 1), scales folded into lora_B
+        rank = max(a.shape[0] for a, _, _ in deltas.values())
+        alpha = float(rank)
+        tensors = {}
+        for m, (a, b, s) in deltas.items():
+            pad = rank - a.shape[0]
+            tensors[peft_key(m, "A")] = torch.cat([a, a.new_zeros(pad, a.shape[1])], dim=0)
+            b_scaled = (b.to(torch.float32) * s).to(b.dtype)
+            tensors[peft_key(m, "B")] = torch.cat([b_scaled, b.new_zeros(b.shape[0], pad)], dim=1)
+    clean = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
+        "target_modules": sorted({leaf_of(m) for m in deltas}), "bias": "none", "modules_to_save": None,
+        "use_rslora": False, "use_dora": False, "fan_in_fan_out": False, "rank_pattern": {}, "alpha_pattern": {},
+        "layers_to_transform": config.get("layers_to_transform"), "layers_pattern": config.get("layers_pattern"),
+        "base_model_name_or_path": config.get("base_model_name_or_path") or meta.get("base_model", {}).get("spec"),
+        "inference_mode": True, "init_lora_weights": True,
+    }
+    write_adapter_dir(out_dir, clean, tensors, meta=None, overwrite=overwrite)
+    warnings = []
+    if rank > max_lora_rank:
+        hint = _rank_hint(rank)
+        warnings.append(f"rank {rank} > {max_lora_rank}: vLLM needs --max-lora-rank >= {rank}"
+                        + (f" (use --max-lora-rank {hint})" if hint else " (above vLLM's largest, 512)"))
+    return warnings
+
+
+# ------------------------------------------------------------------------------------------------ GGUF / llama.cpp
+def permute_rows(w: "torch.Tensor", n_head: int, n_head_kv: int | None = None) -> "torch.Tensor":
+    """llama.cpp's q/k row permutation (convert_hf_to_gguf LlamaModel.permute) applied to the rows of `w`."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    if w.shape[0] % (2 * n_head):
+        raise PatchError(f"cannot permute {tuple(w.shape)} for {n_head} heads: rows are not a multiple of 2 * heads")
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_arch(arch: str) -> Any:
+    import gguf
+
+    by_name = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}
+    if arch not in by_name:
+        raise PatchError(f"unknown llama.cpp architecture {arch!r} (e.g. llama, qwen2, qwen3, gemma2, phi3)")
+    return by_name[arch]
+
+
+def gguf_tensor_base(module: str, arch: str) -> str:
+    """llama.cpp name of the weight a module patches: `model.layers.3.mlp.up_proj` -> `blk.3.ffn_up.weight`."""
+    import gguf
+
+    leaf, bid = leaf_of(module), layer_of(module)
+    if leaf not in HF_TO_GGUF or bid is None:
+        raise PatchError(f"module {module}: no llama.cpp tensor name for it (supported: {', '.join(HF_TO_GGUF)} "
+                         "inside decoder layers)")
+    kind = getattr(gguf.MODEL_TENSOR, HF_TO_GGUF[leaf])
+    if kind not in gguf.MODEL_TENSORS[_gguf_arch(arch)]:
+        raise PatchError(f"module {module}: llama.cpp architecture {arch!r} has no {gguf.TENSOR_NAMES[kind]} tensor")
+    return gguf.TENSOR_NAMES[kind].format(bid=bid) + ".weight"
+
+
+def head_counts(spec: str | None) -> tuple[int, int]:
+    """(n_head, n_head_kv) of a base model given as a model directory, a .gguf file or a hub id."""
+    from ..errors import ModelError
+    from ..modeling.loading import resolve_model
+
+    try:
+        if not spec:
+            raise ModelError("no base model given")
+        kind, loc = resolve_model(spec)
+        if kind == "gguf":
+            return _gguf_head_counts(Path(loc))
+        if kind == "dir":
+            cfg = json.loads((Path(loc) / "config.json").read_text())
+        else:
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(loc).to_dict()
+        n_head = int(cfg["num_attention_heads"])
+        return n_head, int(cfg.get("num_key_value_heads") or n_head)
+    except (ModelError, OSError, KeyError, ValueError) as e:
+        raise PatchError(f"need the base model's attention head counts to permute q_proj / k_proj for llama.cpp, "
+                         f"but could not read them from {spec!r} ({e}); pass --model or --n-head / --n-head-kv") from None
+
+
+def _gguf_head_counts(path: Path) -> tuple[int, int]:
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    arch = r.get_field("general.architecture").contents()  # type: ignore[union-attr]
+    n_head = int(r.get_field(f"{arch}.attention.head_count").contents())  # type: ignore[union-attr]
+    kv = r.get_field(f"{arch}.attention.head_count_kv")
+    return n_head, int(kv.contents()) if kv is not None else n_head
+
+
+def _gguf_tensors(deltas: Mapping[str, Delta], alpha: float, arch: str, heads: tuple[int, int] | None,
+                  dtype: str) -> dict[str, "np.ndarray"]:
+    """{`blk.i.x.weight.lora_a`: (r, in), `...lora_b`: (out, r)} with each module's scale folded so that
+    llama.cpp's alpha / rank gives it back."""
+    import torch
+
+    out = {}
+    for module, (a, b, s) in sorted(deltas.items(), key=lambda kv: (layer_of(kv[0]) or 0, kv[0])):
+        name = gguf_tensor_base(module, arch)
+        a32, b32 = a.to(torch.float32), b.to(torch.float32) * (s * a.shape[0] / alpha)
+        if heads is not None and leaf_of(module) in ("q_proj", "k_proj"):
+            b32 = permute_rows(b32, heads[0], heads[0] if leaf_of(module) == "q_proj" else heads[1])
+        out[name + ".lora_a"] = a32.contiguous().numpy().astype(dtype)
+        out[name + ".lora_b"] = b32.contiguous().numpy().astype(dtype)
+    return out
+
+
+def export_gguf(patch_dir: str | Path, out_file: str | Path, arch: str = "llama", model: str | None = None,
+                n_head: int | None = None, n_head_kv: int | None = None, dtype: str = "float32",
+                overwrite: bool = False) -> list[str]:
+    """Write a llama.cpp LoRA adapter (GGUF, general.type=adapter) atomically; returns warnings.
+
+    `model` (or the base spec recorded in patch.json), or `n_head` / `n_head_kv`, give the head counts needed to
+    permute q_proj / k_proj for `llama`-architecture models."""
+    if dtype not in ("float32", "float16"):
+        raise PatchError(f"GGUF export dtype must be float32 or float16, got {dtype!r}")
+    out = Path(out_file)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another output file")
+    _gguf_arch(arch)
+    meta = verify_files(patch_dir)
+    config, _ = read_adapter(patch_dir)
+    deltas = lora_deltas(patch_dir)
+    alpha = float(config["lora_alpha"]) if _is_standard(config) else float(max(a.shape[0] for a, _, _ in deltas.values()))
+    warnings: list[str] = []
+    has_qk = any(leaf_of(m) in ("q_proj", "k_proj") for m in deltas)
+    heads = None
+    if has_qk and arch in PERMUTE_QK_ARCHS:
+        heads = (n_head, n_head_kv or n_head) if n_head else head_counts(model or meta.get("base_model", {}).get("spec"))
+    elif has_qk:
+        warnings.append(f"q_proj / k_proj rows written in HF order for {arch!r}; llama.cpp's converter permutes "
+                        f"them only for {', '.join(PERMUTE_QK_ARCHS)}")
+    tensors = _gguf_tensors(deltas, alpha, arch, heads, dtype)
+    _write_gguf(out, arch, alpha, tensors, name=Path(patch_dir).name)
+    return warnings
+
+
+def _write_gguf(out: Path, arch: str, alpha: float, tensors: Mapping[str, "np.ndarray"], name: str) -> None:
+    """GGUFWriter into a temp file beside `out`, fsync, then os.replace."""
+    import gguf
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    os.close(fd)
+    try:
+        w = gguf.GGUFWriter(tmp, arch)
+        w.add_type(gguf.GGUFType.ADAPTER)
+        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        w.add_string(gguf.Keys.General.NAME, name)
+        for tname, arr in tensors.items():
+            w.add_tensor(tname, arr)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

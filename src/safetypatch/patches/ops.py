@@ -1,0 +1,468 @@
+"""Operations on patches: read LoRA deltas, stack patches exactly, scale, merge / unmerge, write merged models.
+
+A LoRA patch changes each targeted weight by dW = scale * B @ A. Stacking concatenates the parts' ranks, so the
+stacked patch's dW is exactly sum_i w_i dW_i (no SVD, no approximation): A = [A_1; A_2; ...] and
+B = [w_1 s_1 B_1, w_2 s_2 B_2, ...] with the new scale 1 (lora_alpha = r). Modules with fewer total ranks than
+the largest are padded with zero rows / columns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from ..io_utils import atomic_write_json, claim_tmp_dir, commit_dir, sha256_file, utc_now
+from ..modeling.loading import fingerprint_differences
+from .artifact import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT, PATCH_META, check_adapter_dir, verify_files
+from ..errors import PatchError
+
+if TYPE_CHECKING:
+    import torch
+
+PEFT_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
+_LAYER = re.compile(r"^(?P<head>(?:.*\.)?(?:layers|h|blocks|layer)\.)(?P<idx>\d+)(?P<tail>\..+)$")
+
+AdapterState = tuple[dict[str, Any], dict[str, "torch.Tensor"]]  # (adapter_config, tensors)
+Delta = tuple["torch.Tensor", "torch.Tensor", float]  # (A: r x in, B: out x r, scale)
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def read_adapter(patch_dir: str | Path) -> AdapterState:
+    """adapter_config.json and the adapter's tensors (safetensors only) of a patch or plain PEFT adapter dir."""
+    from safetensors.torch import load_file
+
+    p = check_adapter_dir(patch_dir)
+    try:
+        config = json.loads((p / ADAPTER_CONFIG).read_text())
+    except json.JSONDecodeError as e:
+        raise PatchError(f"{p / ADAPTER_CONFIG}: damaged ({e.msg} at line {e.lineno})") from None
+    try:
+        tensors = load_file(str(p / ADAPTER_WEIGHTS))
+    except Exception as e:  # safetensors raises its own error types
+        raise PatchError(f"{p / ADAPTER_WEIGHTS}: not a readable safetensors file ({e})") from None
+    return config, tensors
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key)."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def module_scale(config: Mapping[str, Any], module: str, rank: int | None = None) -> float:
+    """The LoRA scale of one module: alpha / r (alpha / sqrt(r) with rslora), honoring rank / alpha patterns."""
+    r = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8))
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
+    if rank is not None and rank != r:
+        raise PatchError(f"module {module}: adapter_config says rank {r} but lora_A has {rank} rows")
+    return float(alpha) / (math.sqrt(r) if config.get("use_rslora") else r)
+
+
+def _check_plain_lora(config: Mapping[str, Any], where: str) -> None:
+    if config.get("peft_type", "LORA") != "LORA":
+        raise PatchError(f"{where}: peft_type {config.get('peft_type')!r} is not LORA")
+    for flag, what in (("use_dora", "DoRA"), ("lora_bias", "LoRA bias")):
+        if config.get(flag):
+            raise PatchError(f"{where}: {what} adapters are not supported (their update is not scale * B @ A)")
+    if config.get("bias", "none") != "none":
+        raise PatchError(f"{where}: adapters that train biases (bias={config.get('bias')!r}) are not supported")
+    if config.get("fan_in_fan_out"):
+        raise PatchError(f"{where}: fan_in_fan_out (Conv1D) adapters are not supported")
+
+
+def lora_deltas(patch_dir_or_state: str | Path | AdapterState) -> dict[str, Delta]:
+    """{module name: (A, B, scale)} with dW = scale * B @ A; module names as in the base model
+    (e.g. `model.layers.1.mlp.up_proj`). Accepts a patch directory or an (adapter_config, tensors) pair."""
+    if isinstance(patch_dir_or_state, (str, Path)):
+        where = str(patch_dir_or_state)
+        config, tensors = read_adapter(patch_dir_or_state)
+    else:
+        where = "adapter"
+        config, tensors = patch_dir_or_state
+    _check_plain_lora(config, where)
+    parts: dict[str, dict[str, Any]] = {}
+    for key, t in tensors.items():
+        m = _LORA_KEY.match(key)
+        if not m:
+            raise PatchError(f"{where}: holds a weight that is not a LoRA factor ({key}; modules_to_save or trainable "
+                             "tokens?); only plain LoRA patches are supported here")
+        parts.setdefault(m["module"], {})[m["ab"]] = t
+    out: dict[str, Delta] = {}
+    for module, ab in sorted(parts.items()):
+        if set(ab) != {"A", "B"}:
+            raise PatchError(f"{where}: module {module} has lora_{''.join(ab)} but not both lora_A and lora_B")
+        a, b = ab["A"], ab["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise PatchError(f"{where}: module {module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not fit")
+        out[module] = (a, b, module_scale(config, module, a.shape[0]))
+    if not out:
+        raise PatchError(f"{where}: no LoRA weights (lora_A / lora_B) found")
+    return out
+
+
+def delta_weights(patch_dir_or_state: str | Path | AdapterState) -> dict[str, "torch.Tensor"]:
+    """{module name: dW} in float32 (out x in, as nn.Linear stores its weight)."""
+    import torch
+
+    deltas = lora_deltas(patch_dir_or_state)
+    return {m: s * (b.to(torch.float32) @ a.to(torch.float32)) for m, (a, b, s) in deltas.items()}
+
+
+def layer_of(module: str) -> int | None:
+    """Decoder-layer index in a module name (`model.layers.3.mlp.up_proj` -> 3), None outside the layers."""
+    m = _LAYER.match(module)
+    return int(m["idx"]) if m else None
+
+
+def leaf_of(module: str) -> str:
+    return module.rsplit(".", 1)[-1]
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def peft_key(module: str, ab: str) -> str:
+    return f"{PEFT_PREFIX}{module}.lora_{ab}.weight"
+
+
+def adapter_tensors(deltas: Mapping[str, tuple["torch.Tensor", "torch.Tensor"]]) -> dict[str, "torch.Tensor"]:
+    """PEFT-named tensors from {module: (A, B)}."""
+    out = {}
+    for module, (a, b) in deltas.items():
+        out[peft_key(module, "A")] = a.contiguous()
+        out[peft_key(module, "B")] = b.contiguous()
+    return out
+
+
+def write_adapter_dir(out_dir: str | Path, config: Mapping[str, Any], tensors: Mapping[str, "torch.Tensor"],
+                      meta: Mapping[str, Any] | None = None, overwrite: bool = False) -> dict[str, Any] | None:
+    """Write adapter_config.json + adapter_model.safetensors (+ patch.json when `meta` is given) atomically.
+
+    patch.json gets `format`, `created` and `weights` {file, sha256, bytes, dtype} filled in; returns it."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    tmp = claim_tmp_dir(out, overwrite)
+    full = None
+    try:
+        atomic_write_json(tmp / ADAPTER_CONFIG, dict(config))
+        weights = tmp / ADAPTER_WEIGHTS
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(weights), metadata={"format": "pt"})
+        if meta is not None:
+            from .. import __version__
+
+            dtypes = sorted({str(v.dtype).replace("torch.", "") for v in tensors.values()})
+            full = {"format": FORMAT, "created": utc_now(), "safetypatch_version": __version__, **meta}
+            full["weights"] = {"file": ADAPTER_WEIGHTS, "sha256": sha256_file(weights),
+                               "bytes": weights.stat().st_size, "dtype": ",".join(dtypes)}
+            atomic_write_json(tmp / PATCH_META, full)
+        commit_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return full
+
+
+def _shape_meta(config: Mapping[str, Any], modules: Sequence[str]) -> dict[str, Any]:
+    layers = sorted({i for i in (layer_of(m) for m in modules) if i is not None})
+    return {"rank": config["r"], "alpha": config["lora_alpha"], "target_modules": sorted({leaf_of(m) for m in modules}),
+            "layers": layers}
+
+
+# ------------------------------------------------------------------------------------------------ stacking
+def _part_meta(path: Path) -> dict[str, Any]:
+    meta = verify_files(path)
+    if not meta.get("base_model", {}).get("fingerprint"):
+        raise PatchError(f"{path}: patch.json records no base-model fingerprint; cannot check the parts share a base")
+    return meta
+
+
+def _check_same_base(metas: Sequence[dict[str, Any]], paths: Sequence[Path]) -> None:
+    first = metas[0]["base_model"]["fingerprint"]
+    for meta, path in zip(metas[1:], paths[1:]):
+        diffs = fingerprint_differences(first, meta["base_model"]["fingerprint"])
+        if diffs:
+            lines = [d.replace("patch was trained on", "first part has").replace("this model has", "this part has")
+                     for d in diffs]
+            raise PatchError(f"cannot stack {path} with {paths[0]}: they were made for different base models:\n  "
+                             + "\n  ".join(lines))
+
+
+def _expand_modules(modules: set[str], n_layers: int | None) -> tuple[set[str], list[int] | None]:
+    """All modules PEFT creates for union(target_modules) x union(layers) (so absent ones can be zero-filled),
+    and the `layers_to_transform` value (None when every layer is covered or modules sit outside the layers)."""
+    layers = sorted({i for i in (layer_of(m) for m in modules) if i is not None})
+    if not layers or any(layer_of(m) is None for m in modules):
+        return set(modules), None
+    templates = {(m["head"], m["tail"]) for m in map(_LAYER.match, modules) if m}
+    full = {f"{head}{i}{tail}" for head, tail in templates for i in layers}
+    return full, (None if n_layers is not None and layers == list(range(n_layers)) else layers)
+
+
+def _concat(blk: Sequence[tuple["torch.Tensor", "torch.Tensor"]], rank: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+    import torch
+
+    a = torch.cat([x for x, _ in blk], dim=0)
+    b = torch.cat([y for _, y in blk], dim=1)
+    pad = rank - a.shape[0]
+    if pad:
+        a = torch.cat([a, a.new_zeros(pad, a.shape[1])], dim=0)
+        b = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
+    return a, b
+
+
+def _zeros_for(module: str, blocks: Mapping[str, Any], rank: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Zero A / B for a module PEFT creates (union of targets x union of layers) that no part patches."""
+    import torch
+
+    tail = _LAYER.match(module)["tail"]  # type: ignore[index]
+    twin = next(m for m in sorted(blocks) if (t := _LAYER.match(m)) and t["tail"] == tail)
+    a, b = blocks[twin][0]
+    return torch.zeros(rank, a.shape[1]), torch.zeros(b.shape[0], rank)
+
+
+def _stacked_config(first: Mapping[str, Any], rank: int, targets: list[str], layers: list[int] | None) -> dict[str, Any]:
+    config = dict(first)
+    config.update(r=rank, lora_alpha=rank, rank_pattern={}, alpha_pattern={}, use_rslora=False, target_modules=targets,
+                  layers_to_transform=layers, layers_pattern=None, modules_to_save=None, lora_dropout=0.0,
+                  inference_mode=True)
+    return config
+
+
+def stack_patches(paths: Sequence[str | Path], weights: Sequence[float] | None, out_dir: str | Path,
+                  overwrite: bool = False) -> dict[str, Any]:
+    """One patch whose update is exactly sum_i weights[i] * dW_i (ranks concatenated; no SVD). Returns patch.json.
+
+    All parts must be safetypatch patches for the same base model (same fingerprint)."""
+    import torch
+
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise PatchError("stack: give at least one patch")
+    weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(paths):
+        raise PatchError(f"stack: {len(weights)} weight(s) for {len(paths)} patch(es)")
+    metas = [_part_meta(p) for p in paths]
+    _check_same_base(metas, paths)
+    first_config: dict[str, Any] = {}
+    blocks: dict[str, list[tuple[Any, Any]]] = {}  # module -> [(A, w * scale * B), ...]
+    for path, w in zip(paths, weights):
+        config, tensors = read_adapter(path)
+        first_config = first_config or config
+        for module, (a, b, s) in lora_deltas((config, tensors)).items():
+            blk = blocks.setdefault(module, [])
+            blk.append((a.to(torch.float32), b.to(torch.float32) * (w * s)))
+            if blk[0][0].shape[1] != a.shape[1] or blk[0][1].shape[0] != b.shape[0]:
+                raise PatchError(f"stack: module {module} has different shapes in {paths[0]} and {path}")
+    n_layers = metas[0]["base_model"]["fingerprint"].get("num_layers")
+    modules, layers_to_transform = _expand_modules(set(blocks), n_layers)
+    rank = max(sum(a.shape[0] for a, _ in blk) for blk in blocks.values())
+    stacked = {m: _concat(blocks[m], rank) if m in blocks else _zeros_for(m, blocks, rank) for m in sorted(modules)}
+    config = _stacked_config(first_config, rank, sorted({leaf_of(m) for m in modules}), layers_to_transform)
+    meta = {
+        "base_model": metas[0]["base_model"],
+        "shape": _shape_meta(config, sorted(modules)),
+        "stack": [{"path": str(p), "sha256": m["weights"]["sha256"], "weight": w}
+                  for p, m, w in zip(paths, metas, weights)],
+    }
+    written = write_adapter_dir(out_dir, config, adapter_tensors(stacked), meta, overwrite=overwrite)
+    assert written is not None
+    return written
+
+
+# ------------------------------------------------------------------------------------------------ scaling
+def scale_patch(path: str | Path, factor: float, out_dir: str | Path, overwrite: bool = False) -> dict[str, Any]:
+    """The same patch with every dW multiplied by `factor` (folded into lora_B). Returns the new patch.json."""
+    import torch
+
+    path = Path(path)
+    meta = verify_files(path)
+    config, tensors = read_adapter(path)
+    lora_deltas((config, tensors))  # refuses anything that is not a plain LoRA adapter
+    scaled = {}
+    for key, t in tensors.items():
+        m = _LORA_KEY.match(key)
+        scaled[key] = (t.to(torch.float32) * float(factor)).to(t.dtype) if m and m["ab"] == "B" else t
+    new_meta = {k: meta[k] for k in ("base_model", "shape", "stack") if k in meta}
+    new_meta.update(scaled_from={"path": str(path), "sha256": meta["weights"]["sha256"]}, factor=float(factor))
+    written = write_adapter_dir(out_dir, config, scaled, new_meta, overwrite=overwrite)
+    assert written is not None
+    return written
+
+
+# ------------------------------------------------------------------------------------------------ merging
+def merge_into(model: Any, patch_dir: str | Path, verify: bool = True) -> Any:
+    """Attach a patch (checked like `load_patch`) and merge it into the base weights; returns the PeftModel.
+
+    `unmerge(peft_model)` restores the base weights (up to float rounding)."""
+    from .artifact import load_patch
+
+    peft_model = load_patch(model, patch_dir, verify=verify)
+    peft_model.merge_adapter()
+    return peft_model
+
+
+def unmerge(peft_model: Any) -> Any:
+    """Undo `merge_into`: subtract the patch from the base weights again; returns the PeftModel (adapter attached)."""
+    peft_model.unmerge_adapter()
+    return peft_model
+
+
+# ------------------------------------------------------------------------------------------ merged model dirs
+RESTORE_DIR = "safetypatch_unmerge"  # a sub-directory: serving tools that glob *.safetensors never see it
+RESTORE_FILE = "corrections.safetensors"
+
+
+def _delta64(a: "torch.Tensor", b: "torch.Tensor", scale: float) -> "torch.Tensor":
+    """dW in float64, computed the same way at merge and unmerge time."""
+    import torch
+
+    return (b.to(torch.float64) @ a.to(torch.float64)) * scale
+
+
+def _bits(t: "torch.Tensor") -> "torch.Tensor":
+    """The tensor's raw bits as integers (so -0.0 != 0.0 and NaN == NaN, as a fingerprint sees them)."""
+    import torch
+
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def _patched_weights(model: Any, patch_dir: str | Path, where: str) -> list[tuple[str, Any, "torch.Tensor"]]:
+    """[(module name, module, dW float64)] for every module the patch changes; PatchError if one does not fit."""
+    modules = dict(model.named_modules())
+    out = []
+    for name, (a, b, s) in lora_deltas(patch_dir).items():
+        mod = modules.get(name)
+        shape = (b.shape[0], a.shape[1])
+        if mod is None or getattr(mod, "weight", None) is None or tuple(mod.weight.shape) != shape:
+            raise PatchError(f"{where}: has no weight {name} of shape {shape} for this patch")
+        out.append((name, mod, _delta64(a, b, s)))
+    return out
+
+
+def apply_patch(model_spec: str, patch_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write a merged model directory (safetensors + tokenizer + merged_from.json) atomically; returns its path.
+
+    Each targeted weight becomes W + dW (dW in float64, rounded once to the weight's dtype). Rounding makes
+    W + dW - dW differ from W in the last bit for some elements (wherever W + dW needs a coarser float grid
+    than W, the lost bit cannot be recovered from the merged weight alone), so the original bits of exactly
+    those elements are kept in `safetypatch_unmerge/corrections.safetensors` (index, value pairs). With it,
+    `unmerge_patch` restores the base bit for bit, so its fingerprint matches again."""
+    import torch
+
+    from .. import __version__
+    from ..modeling.loading import fingerprint, load_model
+    from .artifact import check_base
+
+    out = Path(out_dir)
+    meta = verify_files(patch_dir)
+    tmp = claim_tmp_dir(out, overwrite)
+    try:
+        model, tok = load_model(model_spec)
+        check_base(meta, model, patch_dir)
+        base_fp = fingerprint(model)
+        corrections: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for name, mod, dw in _patched_weights(model, patch_dir, str(model_spec)):
+                w = mod.weight.data
+                merged = (w.to(torch.float64) + dw).to(w.dtype)
+                restored = (merged.to(torch.float64) - dw).to(w.dtype)
+                lost = (_bits(restored) != _bits(w)).reshape(-1).nonzero().squeeze(1)
+                if lost.numel():
+                    corrections[f"{name}.weight.index"] = lost.to(torch.int64)
+                    corrections[f"{name}.weight.value"] = w.reshape(-1)[lost].clone()
+                w.copy_(merged)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        from safetensors.torch import save_file
+
+        (tmp / RESTORE_DIR).mkdir()
+        save_file(corrections, str(tmp / RESTORE_DIR / RESTORE_FILE), metadata={"format": "pt"})
+        n_fixed = sum(v.numel() for k, v in corrections.items() if k.endswith(".index"))
+        atomic_write_json(tmp / "merged_from.json", {
+            "created": utc_now(), "safetypatch_version": __version__,
+            "base_model": {"spec": model_spec, "fingerprint": base_fp},
+            "patch": {"path": str(patch_dir), "sha256": meta["weights"]["sha256"], "shape": meta.get("shape")},
+            "unmerge_corrections": {"file": f"{RESTORE_DIR}/{RESTORE_FILE}", "elements": n_fixed,
+                                    "sha256": sha256_file(tmp / RESTORE_DIR / RESTORE_FILE)},
+        })
+        commit_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _read_corrections(merged_dir: Path, rec: Mapping[str, Any]) -> tuple[dict[str, "torch.Tensor"], bool]:
+    """(the merge's correction tensors, whether the unmerge can be exact): checked against merged_from.json."""
+    from safetensors.torch import load_file
+
+    info = rec.get("unmerge_corrections") or {}
+    path = merged_dir / str(info.get("file", f"{RESTORE_DIR}/{RESTORE_FILE}"))
+    if not info or not path.exists():
+        return {}, False
+    if sha256_file(path) != info.get("sha256"):
+        raise PatchError(f"{path}: sha256 does not match merged_from.json (edited or damaged)")
+    try:
+        return load_file(str(path)), True
+    except Exception as e:  # safetensors raises its own error types
+        raise PatchError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def unmerge_patch(merged_spec: str, patch_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Subtract a patch's exact update dW (from its factors) from a merged model and write the restored base model.
+
+    Refuses a model that `merged_from.json` says was merged with another patch. For a model merged by
+    `apply_patch`, its correction file makes the restored weights equal the base's bit for bit (same fingerprint);
+    for a model merged elsewhere the weights are back up to float rounding. `unmerged_from.json` records which,
+    and whether the restored fingerprint matches the base fingerprint named in the patch."""
+    import torch
+
+    from .. import __version__
+    from ..modeling.loading import fingerprint, fingerprint_like, load_model
+
+    meta = verify_files(patch_dir)
+    merged_dir = Path(merged_spec)
+    rec: dict[str, Any] = {}
+    if (merged_dir / "merged_from.json").exists():
+        try:
+            rec = json.loads((merged_dir / "merged_from.json").read_text())
+        except json.JSONDecodeError as e:
+            raise PatchError(f"{merged_dir / 'merged_from.json'}: damaged ({e.msg} at line {e.lineno})") from None
+        if rec.get("patch", {}).get("sha256") != meta["weights"]["sha256"]:
+            raise PatchError(f"{merged_spec}: merged_from.json says it was merged with patch "
+                             f"{str(rec.get('patch', {}).get('sha256'))[:16]}..., not {patch_dir} "
+                             f"({meta['weights']['sha256'][:16]}...)")
+    corrections, exact = _read_corrections(merged_dir, rec)
+    out = Path(out_dir)
+    tmp = claim_tmp_dir(out, overwrite)
+    try:
+        model, tok = load_model(merged_spec)
+        largest = 0.0
+        with torch.no_grad():
+            for name, mod, dw in _patched_weights(model, patch_dir, str(merged_spec)):
+                w = mod.weight.data
+                restored = (w.to(torch.float64) - dw).to(w.dtype)
+                index = corrections.get(f"{name}.weight.index")
+                if index is not None:
+                    restored.view(-1)[index] = corrections[f"{name}.weight.value"].to(w.dtype)
+                w.copy_(restored)
+                largest = max(largest, float(dw.abs().max()))
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        want_fp = meta.get("base_model", {}).get("fingerprint")
+        restored_fp = fingerprint_like(model, want_fp) if want_fp else fingerprint(model)
+        atomic_write_json(tmp / "unmerged_from.json", {
+            "created": utc_now(), "safetypatch_version": __version__, "merged_model": str(merged_spec),
+            "patch": {"path": str(patch_dir), "sha256": meta["weights"]["sha256"]},
+            "largest_change": largest, "exact": exact,
+            "base_fingerprint_in_patch": want_fp, "restored_fingerprint": restored_fp,
+            "fingerprint_matches_patch_base": bool(want_fp) and not fingerprint_differences(want_fp, restored_fp),
+        })
+        commit_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

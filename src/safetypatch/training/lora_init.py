@@ -1,0 +1,128 @@
+"""Contrastive initialisation of a patch's LoRA A: start each patched module's input direction on "harmful vs benign".
+
+PEFT initialises A at random and B at zero, so early in training B learns *what* to output (a refusal) while A still
+reads an arbitrary input direction: the refusal then fires on benign prompts too. Here row 0 of every A is set to
+the difference of the module's mean input on harmful and on benign prompts (at the last prompt tokens, where the
+model decides how to answer), made orthogonal to the benign mean so that benign inputs project to about zero.
+This is the diff-of-means direction of the refusal-direction literature (Arditi et al. 2024), used as a detector
+inside the patch rather than as a steering vector. B stays zero, so the patched model still starts equal to the base.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..data.chat import prompt_ids
+from ..data.readers import Record
+
+
+def _lora_modules(model: Any) -> dict[str, Any]:
+    from peft.tuners.lora import LoraLayer
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def mean_inputs(model: Any, tok: Any, records: list[Record], modules: dict[str, Any], tail: int = 5,
+                batch_size: int = 16, second_moment: bool = False) -> dict[str, Any]:
+    """Mean input of each module over the last `tail` prompt tokens (left-padded batches, adapter off).
+
+    With `second_moment`, values are (mean, E[x x^T]) pairs, for a within-class covariance.
+    """
+    import torch
+
+    sums: dict[str, Any] = {}
+    outer: dict[str, Any] = {}
+    count = 0
+    hooks = []
+
+    def make_hook(name: str):
+        def hook(_mod: Any, args: tuple) -> None:
+            x = args[0][:, -tail:, :].detach().double()
+            sums[name] = sums.get(name, 0) + x.sum(dim=(0, 1))
+            if second_moment:
+                flat = x.reshape(-1, x.shape[-1])
+                outer[name] = outer.get(name, 0) + flat.T @ flat
+        return hook
+
+    for name, mod in modules.items():
+        hooks.append(mod.register_forward_pre_hook(make_hook(name)))
+    device = next(model.parameters()).device
+    try:
+        encoded = [prompt_ids(tok, r.chat()) for r in records]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        for i in range(0, len(encoded), batch_size):
+            chunk = encoded[i: i + batch_size]
+            width = max(len(e) for e in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            attn = torch.zeros_like(ids)
+            for row, e in enumerate(chunk):
+                ids[row, width - len(e):] = torch.tensor(e)
+                attn[row, width - len(e):] = 1
+            ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else torch.no_grad()
+            with torch.no_grad(), ctx:
+                model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False)
+            count += len(chunk) * min(tail, width)
+    finally:
+        for h in hooks:
+            h.remove()
+    if second_moment:
+        return {n: (s / count, outer[n] / count) for n, s in sums.items()}
+    return {n: s / count for n, s in sums.items()}
+
+
+def contrast_init(model: Any, tok: Any, harmful: list[Record], benign: list[Record], tail: int = 5,
+                  adapter: str = "default", lda: bool = False, shrinkage: float = 0.1) -> dict[str, float]:
+    """Set the rows of each LoRA A to benign-orthogonal harmful-minus-benign input directions.
+
+    Row i gets the direction of harmful group i (see `harmful_groups`); rows beyond the number of groups keep
+    PEFT's initialisation.
+
+    With `lda`, the difference of means is first whitened by the pooled within-class covariance (Fisher's linear
+    discriminant, shrunk towards a scaled identity), so variation shared by both sets (phrasing, length, syntax)
+    does not count as evidence of harm.
+
+    Returns, per module, Fisher's separation of the chosen directions (mean over rows): the gap between the two
+    classes' mean projections divided by the pooled standard deviation of the projections.
+    """
+    import torch
+
+    modules = _lora_modules(model)
+    rank = next(iter(modules.values())).lora_A[adapter].weight.shape[0] if modules else 1
+    groups = harmful_groups(harmful, rank)
+    stats_hs = [mean_inputs(model, tok, g, modules, tail, second_moment=True) for g in groups]
+    stats_b = mean_inputs(model, tok, benign, modules, tail, second_moment=True)
+    report = {}
+    with torch.no_grad():
+        for name, mod in modules.items():
+            A = mod.lora_A[adapter].weight  # (r, in)
+            target_norm = A[0].norm().clamp_min(1e-6)  # keep PEFT's initial scale
+            seps = []
+            for row, stats_h in enumerate(stats_hs):
+                (mu_h, m2_h), (mu_b, m2_b) = stats_h[name], stats_b[name]
+                cov = 0.5 * ((m2_h - torch.outer(mu_h, mu_h)) + (m2_b - torch.outer(mu_b, mu_b)))
+                diff = mu_h - mu_b
+                if lda:
+                    dim = cov.shape[0]
+                    reg = (1 - shrinkage) * cov + shrinkage * cov.trace() / dim * torch.eye(dim, dtype=cov.dtype)
+                    d = torch.linalg.solve(reg, diff)
+                else:
+                    d = diff.clone()
+                d = d - (d @ mu_b) / (mu_b @ mu_b).clamp_min(1e-12) * mu_b  # benign inputs project to ~0
+                norm = d.norm()
+                if norm < 1e-12:
+                    continue
+                A[row].copy_((d / norm * target_norm).to(A.dtype))
+                seps.append(float((diff @ d) / (d @ cov @ d).clamp_min(1e-24).sqrt()))
+            if seps:
+                report[name] = sum(seps) / len(seps)
+    return report
+
+
+def harmful_groups(harmful: list[Record], rank: int) -> list[list[Record]]:
+    """Split harmful records into `rank` groups of whole harm categories (round-robin over sorted categories), so
+    a rank-r patch gets one detector per group; rank 1 (or no categories) keeps them together."""
+    cats = sorted({str(r.meta.get("category", "")) for r in harmful})
+    if rank <= 1 or len(cats) < 2:
+        return [harmful]
+    n = min(rank, len(cats))
+    return [[r for r in harmful if cats.index(str(r.meta.get("category", ""))) % n == g] for g in range(n)]
