@@ -14,11 +14,11 @@ import sys
 import torch
 
 from safetypatch.config import PatchShape
-from safetypatch.training.lora_init import _lora_modules, contrast_init
+from safetypatch.training.lora_init import contrast_init, lora_modules
 from safetypatch.data import builtin_split
 from safetypatch.data.chat import prompt_ids
-from safetypatch.modeling.loading import load_model
-from safetypatch.patches.artifact import attach_new_patch
+from safetypatch.modeling import load_model
+from safetypatch.patches import attach_new_patch
 
 
 def projections(model, tok, records, modules, tail: int = 5) -> dict[str, list[float]]:
@@ -47,7 +47,7 @@ def auc(pos: list[float], neg: list[float]) -> float:
 def main() -> int:
     model, tok = load_model("default")
     model = attach_new_patch(model, PatchShape(rank=1, target_modules=["up_proj"], layers="all"))
-    modules = _lora_modules(model)
+    modules = lora_modules(model)
     order = sorted(modules, key=lambda n: int(n.split("layers.")[1].split(".")[0]))
     h_train, b_train = builtin_split("harmful", "train"), builtin_split("benign", "train")
     h_dev, b_dev = builtin_split("harmful", "dev"), builtin_split("benign", "dev")

@@ -1,4 +1,4 @@
-"""Generation throughput: the eval suite's `safetypatch.modeling.generation.generate` against plain batched
+"""Generation throughput: the eval suite's `safetypatch.modeling.generate` against plain batched
 `model.generate` on the same prompts (built-in harmful + benign test prompts, in the chat template).
 
 - safetypatch: `generate` as the evals call it (length-sorted batches, left padding, greedy by hand with the
@@ -27,20 +27,17 @@ def plain_generate(model: Any, tok: Any, prompts: list[Any], batch: int, max_new
     import torch
 
     from safetypatch.data.chat import prompt_ids
-    from safetypatch.modeling.generation import _stop_ids, as_chat
+    from safetypatch.modeling import as_chat
+    from safetypatch.modeling.generation import stop_ids
+    from safetypatch.modeling.greedy import left_pad
 
-    stop = _stop_ids(model, tok)
+    stop = stop_ids(model, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else stop[0]
     enc = [prompt_ids(tok, as_chat(p)) for p in prompts]
     out: list[list[int]] = []
     for k in range(0, len(enc), batch):
-        rows = enc[k: k + batch]
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r):] = torch.tensor(r)
-            attn[i, width - len(r):] = 1
+        ids, attn = left_pad(enc[k: k + batch], pad)
+        width = ids.shape[1]
         with torch.no_grad():
             g = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new, do_sample=False,
                                pad_token_id=pad, eos_token_id=stop, temperature=None, top_p=None, top_k=None)
@@ -85,10 +82,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    import safetypatch.modeling.generation as gm
     from safetypatch.config import GenerationConfig
     from safetypatch.data.builtin import builtin_split
-    from safetypatch.modeling.loading import load_model
+    from safetypatch.data.chat import prompt_ids
+    from safetypatch.modeling import as_chat, generate, load_model
+    from safetypatch.modeling.generation import stop_ids
+    from safetypatch.modeling.greedy import shared_prefix
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,13 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [r.chat() for r in recs]
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, batch_size=args.our_batch or args.batch,
                            bf16=args.bf16)
-    stop = gm._stop_ids(model, tok)
+    stop = stop_ids(model, tok)
 
     t_sp = t_plain = 0.0
     ours = plain = None
     for _ in range(args.repeats):
         t = time.perf_counter()
-        gens = gm.generate(model, tok, prompts, cfg, progress=False)
+        gens = generate(model, tok, prompts, cfg, progress=False)
         t_sp += time.perf_counter() - t
         ours = [g.token_ids + ([stop[0]] if g.finished else []) for g in gens]
         t = time.perf_counter()
@@ -114,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     assert ours is not None and plain is not None
     n_tok = sum(map(len, plain))
     same = [a == b for a, b in zip(ours, plain)]
-    enc = [gm.prompt_ids(tok, gm.as_chat(p)) for p in prompts]
-    shared = len(gm._shared_prefix(enc))
+    enc = [prompt_ids(tok, as_chat(p)) for p in prompts]
+    shared = len(shared_prefix(enc))
     print(f"model {args.model}; {len(prompts)} prompts; batch {args.batch}; max_new_tokens {args.max_new_tokens}; "
           f"{n_tok} new tokens; torch threads {torch.get_num_threads()}; shared prefix {shared} tokens")
     print(f"greedy outputs identical: {sum(same)}/{len(same)}  (ours: batch {cfg.batch_size}, bf16 {cfg.bf16}; "

@@ -25,8 +25,8 @@ from safetypatch.training.config import TrainConfig
 from safetypatch.data.builtin import builtin_split
 from safetypatch.evals.refusal import generate_and_judge
 from safetypatch.judges import DEFAULT_JUDGES
-from safetypatch.modeling.loading import load_model
-from safetypatch.training.trainer import train
+from safetypatch.jobs.train import train
+from safetypatch.modeling import load_model
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -6,7 +6,7 @@ native bf16) on the same examples (built-in harmful train refusals + benign anch
 in the same batches, in the same order, from the same initial adapter, with the same objective (the recipe's
 per-token weights: anchors x benign_weight, the first decision_tokens of a response x decision_weight):
 
-- safetypatch: `SpeedPaths` + `train_step` from safetypatch.training.trainer (what `train()` runs, without the dev checks);
+- safetypatch: `SpeedPaths` + `train_step` from safetypatch.training (what `train()` runs, without the dev checks);
 - TRL: `SFTTrainer` (its fused LM head: log-probs of completion tokens only, no full logits) on a `PeftModel`
   built from peft's `LoraConfig` with the same rank / alpha / target modules / layers; pre-tokenized input_ids
   with completion-only labels (`skip_prepare_dataset`); `compute_loss` is overridden only to apply the recipe's
@@ -65,8 +65,7 @@ def matmul_rate(dtype: Any, n: int = 1024, seconds: float = 1.5) -> float:
 
 def _layer_sizes(model: Any) -> tuple[list[int], int, int]:
     """Weights of the linear layers of each decoder layer, d_attn = heads x head_dim, and the LM head's size."""
-    from safetypatch.modeling.loading import decoder_layers
-    from safetypatch.modeling.compat import unwrap_lm
+    from safetypatch.modeling import decoder_layers, unwrap_lm
 
     lm = unwrap_lm(model)
     cfg = lm.config
@@ -130,7 +129,7 @@ def token_weights(cfg: Any, batch: dict[str, Any]) -> Any:
     import torch
 
     from safetypatch.data.chat import IGNORE_INDEX
-    from safetypatch.training.trainer import response_positions
+    from safetypatch.training.loss import response_positions
 
     mask = batch["labels"][:, 1:] != IGNORE_INDEX
     w = torch.zeros(mask.shape)
@@ -157,9 +156,9 @@ def run_trl(job: dict[str, Any], init_state: dict[str, Any], on_turn: Callable[[
     from safetypatch.training.config import TrainConfig
     from safetypatch.config import from_dict
     from safetypatch.data.chat import IGNORE_INDEX, Encoded
-    from safetypatch.modeling.loading import load_model, num_layers
-    from safetypatch.patches.artifact import lora_config
-    from safetypatch.training.trainer import collate
+    from safetypatch.modeling import load_model, num_layers
+    from safetypatch.patches import lora_config
+    from safetypatch.training.examples import collate
 
     cfg = from_dict(TrainConfig, job["cfg"])
     examples = [Encoded(**e) for e in job["examples"]]
@@ -301,11 +300,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import get_scheduler
 
-    from safetypatch.training.config import TrainConfig
     from safetypatch.config import from_dict, to_dict
+    from safetypatch.modeling import load_model
+    from safetypatch.training.config import TrainConfig, use_bf16 as bf16_setting
+    from safetypatch.training.examples import batches, build_examples
+    from safetypatch.training.forward import first_trained_layer
     from safetypatch.training.lora_init import contrast_init
-    from safetypatch.modeling.loading import load_model
-    from safetypatch.training.trainer import SpeedPaths, _use_bf16, batches, build_examples, first_trained_layer, prepare_model, train_step
+    from safetypatch.training.speed import SpeedPaths
+    from safetypatch.training.step import prepare_model, train_step
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -314,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.method != "lora" or cfg.benign_loss != "ce" or cfg.grad_accum != 1 or cfg.overlap_beta:
         sys.exit("this benchmark compares LoRA training with the CE anchor loss, grad_accum 1, no overlap term")
     device = "cpu"
-    use_bf16 = _use_bf16(cfg, device)
+    use_bf16 = bf16_setting(cfg.bf16, device)
     malloc = "default"
     if cfg.tune_malloc:  # process-wide: set here, before either trainer runs, so with `tuned` both train under it
         from safetypatch.training.malloc import tune_malloc

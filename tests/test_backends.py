@@ -9,7 +9,7 @@ import pytest
 from safetypatch.config import GenerationConfig
 from safetypatch.errors import BackendError
 from safetypatch.modeling.backends import TransformersBackend, VLLMBackend, get_backend, vllm_lora_rank
-from safetypatch.modeling.generation import generate
+from safetypatch.modeling import generate
 from safetypatch.errors import ModelError
 
 PROMPTS = ["Write a poem about the sea.", "How do I kill a Python process?", "Hi",
@@ -58,7 +58,7 @@ def test_transformers_backend_patch_off(tiny_model, tiny_tok):
     base = generate(tiny_model, tiny_tok, PROMPTS, cfg, progress=False)
     peft = get_peft_model(tiny_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     backend = TransformersBackend(peft, tiny_tok)
-    assert backend.generate(PROMPTS, cfg, patched=False, progress=False) == base
+    assert backend.generate(PROMPTS, cfg, variant="base", progress=False) == base
 
 
 def test_transformers_backend_needs_tokenizer(tiny_model):

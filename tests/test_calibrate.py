@@ -6,8 +6,8 @@ import torch
 from conftest import build_tiny_model
 from safetypatch.jobs.calibrate import CalibrationConfig, calibrate, choose_factor, set_scale
 from safetypatch.config import GenerationConfig, PatchShape
-from safetypatch.modeling.generation import generate
-from safetypatch.patches.artifact import attach_new_patch, load_patch, save_patch, verify_files
+from safetypatch.modeling import generate
+from safetypatch.patches import attach_new_patch, load_patch, save_patch, verify_files
 
 
 def test_choose_factor_strongest_within_budget():
@@ -76,17 +76,18 @@ def test_cli_refuses_bad_factors(capsys):
 
 
 def test_sweep_at_zero_generates_exactly_what_the_base_model_does(tiny_tok, patch_and_prompts, monkeypatch):
-    import safetypatch.training.trainer
-    from safetypatch.jobs.calibrate import _bf16_ok, dev_prompts, sweep
-    from safetypatch.training.trainer import refusal_rates
+    import safetypatch.training.dev_checks
+    from safetypatch.jobs.calibrate import dev_prompts, sweep
+    from safetypatch.training.config import TrainConfig, use_bf16
+    from safetypatch.training.dev_checks import refusal_rates
 
     judged: list[str] = []
-    monkeypatch.setattr(safetypatch.training.trainer, "keyword_refusal", lambda text: judged.append(text) or False)
+    monkeypatch.setattr(safetypatch.training.dev_checks, "keyword_refusal", lambda text: judged.append(text) or False)
     d = patch_and_prompts
     cfg = CalibrationConfig(factors=(1.0,), dev_harmful=str(d / "h.jsonl"), dev_benign=str(d / "b.jsonl"),
                             max_new_tokens=5, batch_size=3)
     harmful, benign = dev_prompts(cfg)
-    with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=_bf16_ok("cpu")):
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=use_bf16(TrainConfig().bf16, "cpu")):
         refusal_rates(build_tiny_model(tiny_tok), tiny_tok, harmful, benign, 5, batch_size=3)
     base_texts, judged[:] = list(judged), []
     curve = sweep(load_patch(build_tiny_model(tiny_tok), d / "patch"), tiny_tok, cfg, progress=False)

@@ -3,7 +3,7 @@ import io
 from conftest import build_tiny_model
 from safetypatch.config import GenerationConfig, PatchShape
 from safetypatch.jobs.chat import chat, side_by_side
-from safetypatch.patches.artifact import attach_new_patch
+from safetypatch.patches import attach_new_patch
 
 
 def test_side_by_side_columns():

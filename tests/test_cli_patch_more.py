@@ -12,9 +12,8 @@ import torch
 from conftest import build_tiny_model
 from safetypatch.cli import main
 from safetypatch.config import PatchShape
-from safetypatch.modeling.loading import fingerprint, load_model
-from safetypatch.patches.artifact import attach_new_patch, save_patch, verify_files
-from safetypatch.patches.ops import delta_weights
+from safetypatch.modeling import fingerprint, load_model
+from safetypatch.patches import attach_new_patch, delta_weights, save_patch, verify_files
 
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -152,9 +151,10 @@ def test_chat_reads_stdin_lines_and_shows_both_answers(tiny_tok, tiny_model_dir,
 # ---------------------------------------------------------------------------------------------- calibrate
 def test_calibrate_cli_records_applies_and_refuses_to_overwrite(tiny_tok, tiny_model_dir, tmp_path, capsys,
                                                                monkeypatch):
-    import safetypatch.training.trainer
+    import safetypatch.training.dev_checks
 
-    monkeypatch.setattr(safetypatch.training.trainer, "keyword_refusal", lambda text: False)  # flat curve: ties -> smallest s
+    # a flat curve: ties go to the smallest s
+    monkeypatch.setattr(safetypatch.training.dev_checks, "keyword_refusal", lambda text: False)
     p = make_patch(tiny_tok, tmp_path / "p")
     sha = verify_files(p)["weights"]["sha256"]
     h = jsonl(tmp_path / "h.jsonl", [f"harmful request {i}" for i in range(3)])

@@ -15,20 +15,17 @@ def test_jsonl_missing_field_names_file_line_field(tmp_path):
         read_records(f)
 
 
-def test_jsonl_bad_json_and_empty_field(tmp_path):
+@pytest.mark.parametrize("text,match,require_response", [
+    ('{"prompt": "a"}\n\n{"prompt": oops}\n', r"d\.jsonl:3: not valid JSON", False),
+    ('{"prompt": "a", "response": ""}\n', r"d\.jsonl:1: field 'response' is empty", True),
+    ('{"prompt": "a", "response": 3}\n', r"d\.jsonl:1: field 'response' is empty or not text", False),
+    ('{"prompt": "a"}\n', r"d\.jsonl:1: missing field 'response'", True),
+])
+def test_jsonl_bad_json_and_empty_field(tmp_path, text, match, require_response):
     f = tmp_path / "d.jsonl"
-    f.write_text('{"prompt": "a"}\n\n{"prompt": oops}\n')
-    with pytest.raises(DataError, match=r"d\.jsonl:3: not valid JSON"):
-        read_records(f)
-    f.write_text('{"prompt": "a", "response": ""}\n')
-    with pytest.raises(DataError, match=r"d\.jsonl:1: field 'response' is empty"):
-        read_records(f, require_response=True)
-    f.write_text('{"prompt": "a", "response": 3}\n')
-    with pytest.raises(DataError, match=r"d\.jsonl:1: field 'response' is empty or not text"):
-        read_records(f)
-    f.write_text('{"prompt": "a"}\n')
-    with pytest.raises(DataError, match=r"d\.jsonl:1: missing field 'response'"):
-        read_records(f, require_response=True)
+    f.write_text(text)
+    with pytest.raises(DataError, match=match):
+        read_records(f, require_response=require_response)
 
 
 def test_empty_file(tmp_path):

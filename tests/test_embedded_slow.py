@@ -34,7 +34,8 @@ needs_embedded = pytest.mark.skipif(not _embedded_available(), reason="llm-smoll
 
 @needs_embedded
 def test_embedded_model_converts_once_and_fingerprints(shared_home):
-    from safetypatch.modeling.loading import fingerprint, gguf_cache_dir, embedded_gguf_path, load_model
+    from safetypatch.modeling import fingerprint, load_model
+    from safetypatch.modeling.loading import embedded_gguf_path, gguf_cache_dir
 
     model, tok = load_model("default")
     assert (gguf_cache_dir(embedded_gguf_path()) / "model.safetensors").exists()

@@ -5,10 +5,8 @@ import pytest
 import torch
 
 from conftest import build_tiny_model
-from safetypatch.patches.export import export_gguf, export_peft
 from safetypatch.errors import PatchError
-from safetypatch.patches.artifact import load_patch
-from safetypatch.patches.ops import delta_weights, lora_deltas
+from safetypatch.patches import delta_weights, export_gguf, export_peft, load_patch, lora_deltas
 from test_patch_ops import ALL_MODULES, logits, make_patch, patched_logits, run_cli
 
 GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
@@ -57,10 +55,10 @@ def test_export_peft_folds_per_module_scales(tiny_tok, tmp_path):
         torch.testing.assert_close(got[m], want[m])
 
 
-def test_export_peft_cli_prints_warning(tiny_tok, tmp_path, monkeypatch, capsys):
+def test_export_peft_cli_prints_warning(tiny_tok, tmp_path, capsys):
     p = make_patch(tiny_tok, tmp_path / "p", rank=20)
     argv = ["patch", "export", str(p), "--format", "peft", "-o", str(tmp_path / "v")]
-    assert run_cli(argv, monkeypatch) == 0
+    assert run_cli(argv) == 0
     assert "warning: rank 20 > 16: vLLM needs --max-lora-rank >= 20 (use --max-lora-rank 32)" in capsys.readouterr().out
 
 
@@ -113,7 +111,7 @@ def test_export_gguf_folds_per_module_scales(tiny_tok, tmp_path):
         np.testing.assert_allclose(alpha / a.shape[0] * b @ a, dw.numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_export_gguf_head_counts(tiny_tok, tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_export_gguf_head_counts(tiny_tok, tiny_model_dir, tmp_path, capsys):
     p = make_patch(tiny_tok, tmp_path / "p", modules=("q_proj", "k_proj"))
     with pytest.raises(PatchError, match="head counts"):  # patch.json's base spec 'tiny' cannot be resolved
         export_gguf(p, tmp_path / "x.gguf")
@@ -121,10 +119,10 @@ def test_export_gguf_head_counts(tiny_tok, tiny_model_dir, tmp_path, monkeypatch
         export_gguf(p, tmp_path / "x.gguf", arch="no-such-arch", n_head=4)
     export_gguf(p, tmp_path / "a.gguf", n_head=N_HEAD, n_head_kv=N_HEAD_KV)
     argv = ["patch", "export", str(p), "--format", "gguf", "--model", str(tiny_model_dir), "-o", str(tmp_path / "b.gguf")]
-    assert run_cli(argv, monkeypatch) == 0  # head counts read from the model's config.json
+    assert run_cli(argv) == 0  # head counts read from the model's config.json
     assert "exported" in capsys.readouterr().out
     assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
-    assert run_cli(argv[:-1] + [str(tmp_path / "c.gguf"), "--arch", "qwen2"], monkeypatch) == 0
+    assert run_cli(argv[:-1] + [str(tmp_path / "c.gguf"), "--arch", "qwen2"]) == 0
     assert "HF order" in capsys.readouterr().out
     assert load_patch(build_tiny_model(tiny_tok), p) is not None  # the source patch is untouched
 

@@ -6,7 +6,9 @@ import torch
 
 import safetypatch.modeling.generation as gen_mod
 from safetypatch.config import GenerationConfig
-from safetypatch.modeling.generation import _shared_prefix, generate
+from safetypatch.modeling import generate, variant
+from safetypatch.modeling.generation import fast_greedy_ok
+from safetypatch.modeling.greedy import growing_layer_class, shared_prefix
 
 from conftest import build_tiny_model
 
@@ -63,7 +65,7 @@ def test_finished_rows_leave_the_batch_with_the_same_outputs(tiny_tok, monkeypat
 
 def test_patched_model_and_sampling_fallback(tiny_tok, monkeypatch):
     from safetypatch.config import PatchShape
-    from safetypatch.patches.artifact import attach_new_patch
+    from safetypatch.patches import attach_new_patch
 
     model = attach_new_patch(_lively(build_tiny_model(tiny_tok, seed=4)), PatchShape(rank=2, layers="all"))
     with torch.no_grad():
@@ -73,19 +75,19 @@ def test_patched_model_and_sampling_fallback(tiny_tok, monkeypatch):
     cfg = GenerationConfig(max_new_tokens=10, batch_size=4)
     fast, plain = _both(model, tiny_tok, PROMPTS, cfg, monkeypatch)
     assert [g.token_ids for g in fast] == [g.token_ids for g in plain]
-    with model.disable_adapter():
+    with variant(model, "base"):
         fast_b, plain_b = _both(model, tiny_tok, PROMPTS, cfg, monkeypatch)
     assert [g.token_ids for g in fast_b] == [g.token_ids for g in plain_b]
-    assert not gen_mod._fast_greedy_ok(model, GenerationConfig(do_sample=True))
+    assert not fast_greedy_ok(model, GenerationConfig(do_sample=True))
     model.generation_config.repetition_penalty = 1.3  # a logits processor the hand loop lacks: fall back
-    assert not gen_mod._fast_greedy_ok(model, cfg)
+    assert not fast_greedy_ok(model, cfg)
 
 
 def test_shared_prefix_leaves_a_token_per_prompt():
-    assert _shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5, 6]]) == [1, 2, 3]
-    assert _shared_prefix([[1, 2], [1, 2, 3]]) == [1]
-    assert _shared_prefix([[1, 2, 3]]) == []
-    assert _shared_prefix([[7, 2], [1, 2]]) == []
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5, 6]]) == [1, 2, 3]
+    assert shared_prefix([[1, 2], [1, 2, 3]]) == [1]
+    assert shared_prefix([[1, 2, 3]]) == []
+    assert shared_prefix([[7, 2], [1, 2]]) == []
 
 
 def test_generate_keeps_a_callers_autocast(tiny_tok):
@@ -94,8 +96,6 @@ def test_generate_keeps_a_callers_autocast(tiny_tok):
     import torch
 
     from conftest import build_tiny_model
-    from safetypatch.config import GenerationConfig
-    from safetypatch.modeling.generation import generate
 
     model = build_tiny_model(tiny_tok)
     for mod in model.modules():
@@ -151,7 +151,7 @@ def test_growing_cache_layer_holds_what_dynamic_layer_holds():
     from transformers.cache_utils import DynamicLayer
 
     torch.manual_seed(0)
-    ref, grown = DynamicLayer(), gen_mod._growing_layer_class()(room=3)
+    ref, grown = DynamicLayer(), growing_layer_class()(room=3)
 
     def step(t, b):
         k, v = torch.randn(b, 2, t, 4), torch.randn(b, 2, t, 4)

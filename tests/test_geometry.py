@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 
-from safetypatch.geometry import analysis as g
+import safetypatch.geometry as g
 from safetypatch.config import PatchShape
+from safetypatch.modeling import SVDCache
 
 D_OUT, D_IN, K = 64, 48, 8
 
@@ -147,7 +148,7 @@ def _layer_module(peft_model, layer, module):
 def test_lora_updates_equal_scaled_BA(tiny_tok, tmp_path, extra):
     from peft import LoraConfig, get_peft_model
 
-    from safetypatch.patches.artifact import attach_new_patch, save_patch
+    from safetypatch.patches import attach_new_patch, save_patch
     from tests.conftest import build_tiny_model
 
     if extra:
@@ -197,7 +198,7 @@ def test_svd_cache_is_safetensors_and_checked(planted, tmp_path, tiny_tok):
     from tests.conftest import build_tiny_model
 
     *_, w0 = planted
-    cache = g.SVDCache(build_tiny_model(tiny_tok))
+    cache = SVDCache(build_tiny_model(tiny_tok))
     assert cache.dir.parent.name == "svd"
     u, s, vh = cache.get("w", w0)
     f = cache.path("w")
@@ -210,8 +211,8 @@ def test_svd_cache_is_safetensors_and_checked(planted, tmp_path, tiny_tok):
 
 # --------------------------------------------------------------------------------- analyze + CLI
 def _saved_patch(model_dir, out, seed=0):
-    from safetypatch.modeling.loading import load_model
-    from safetypatch.patches.artifact import attach_new_patch, save_patch
+    from safetypatch.modeling import load_model
+    from safetypatch.patches import attach_new_patch, save_patch
 
     model, _ = load_model(str(model_dir))
     pm = _random_lora(attach_new_patch(model, PatchShape(rank=2, alpha=4, target_modules=["up_proj", "v_proj"],
@@ -247,7 +248,7 @@ def test_analyze_patch_writes_files(tiny_model_dir, tmp_path, capsys):
 
 
 def test_hidden_shift_zero_for_noop_patch(tiny_tok):
-    from safetypatch.patches.artifact import attach_new_patch
+    from safetypatch.patches import attach_new_patch
     from tests.conftest import build_tiny_model
 
     pm = attach_new_patch(build_tiny_model(tiny_tok), PatchShape(rank=1, target_modules=["up_proj"], layers="all"))
@@ -275,7 +276,7 @@ def _parser():
 
 
 def test_cli_analyze_finetuned(tiny_model_dir, tiny_tok, tmp_path, capsys):
-    from safetypatch.modeling.loading import load_model
+    from safetypatch.modeling import load_model
 
     model, tok = load_model(str(tiny_model_dir))
     w = model.model.layers[1].mlp.gate_proj.weight

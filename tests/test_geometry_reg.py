@@ -5,8 +5,8 @@ from conftest import build_tiny_model
 from safetypatch.config import PatchShape
 from safetypatch.training.config import TrainConfig
 from safetypatch.training.regularizer import OverlapPenalty
-from safetypatch.patches.artifact import attach_new_patch
-from test_train import _cfg
+from safetypatch.patches import attach_new_patch
+from test_train import tiny_recipe
 
 
 def _patched(tok, seed=0):
@@ -65,9 +65,9 @@ def test_planted_inside_is_large_and_orthogonal_is_zero(tiny_tok):
 
 
 def test_training_with_the_regularizer_lowers_the_overlap(tiny_model_dir, harmful_file, benign_file, tmp_path):
-    from safetypatch.geometry.analysis import lora_updates
-    from safetypatch.modeling.loading import load_model
-    from safetypatch.training.trainer import train
+    from safetypatch.geometry import lora_updates
+    from safetypatch.modeling import load_model
+    from safetypatch.jobs.train import train
 
     def overlap(patch):
         base, _ = load_model(str(tiny_model_dir))
@@ -79,8 +79,8 @@ def test_training_with_the_regularizer_lowers_the_overlap(tiny_model_dir, harmfu
         return total
 
     common = dict(init="default", freeze_a=False, epochs=3, overlap_k=4, overlap_side="column")
-    plain = train(_cfg(tiny_model_dir, harmful_file, benign_file, **common), tmp_path / "plain", progress=False)
-    reg = train(_cfg(tiny_model_dir, harmful_file, benign_file, overlap_beta=50.0, **common), tmp_path / "reg",
+    plain = train(tiny_recipe(tiny_model_dir, harmful_file, benign_file, **common), tmp_path / "plain", progress=False)
+    reg = train(tiny_recipe(tiny_model_dir, harmful_file, benign_file, overlap_beta=50.0, **common), tmp_path / "reg",
                 progress=False)
     assert overlap(reg.output_dir) < 0.5 * overlap(plain.output_dir)
     log = (tmp_path / "reg" / "train_log.jsonl").read_text()
@@ -97,12 +97,12 @@ def test_config_validation():
 
 
 def test_row_penalty_with_a_frozen_a_warns(tiny_model_dir, harmful_file, benign_file, tmp_path, capsys):
-    from safetypatch.training.trainer import train
+    from safetypatch.jobs.train import train
 
     common = dict(init="default", freeze_a=True, epochs=0.25, overlap_beta=1.0, overlap_k=2)
-    train(_cfg(tiny_model_dir, harmful_file, benign_file, overlap_side="both", **common), tmp_path / "both",
+    train(tiny_recipe(tiny_model_dir, harmful_file, benign_file, overlap_side="both", **common), tmp_path / "both",
           progress=False)
     assert "frozen A" in capsys.readouterr().err
-    train(_cfg(tiny_model_dir, harmful_file, benign_file, overlap_side="column", **common), tmp_path / "column",
+    train(tiny_recipe(tiny_model_dir, harmful_file, benign_file, overlap_side="column", **common), tmp_path / "column",
           progress=False)
     assert "frozen A" not in capsys.readouterr().err

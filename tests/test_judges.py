@@ -1,5 +1,6 @@
 import pytest
 
+from safetypatch.errors import ConfigError
 from safetypatch.judges import JUDGES, get_judge, keyword_refusal
 
 
@@ -30,8 +31,19 @@ def test_gcg_prefixes(response, refused):
 
 def test_registry_and_unknown_judge():
     assert {"refusal_xstest", "refusal_gcg"} <= set(JUDGES)
-    with pytest.raises(KeyError, match="unknown judge"):
-        get_judge("nope")
+    with pytest.raises(ConfigError, match="unknown judge 'nope'; available: .*refusal_gcg, refusal_xstest"):
+        get_judge("nope")  # a ConfigError (shown without a traceback), not a KeyError
+
+
+def test_every_judge_registered_by_importing_the_package():
+    """keyword_3class used to be registered only when evals.suite happened to be imported."""
+    import subprocess
+    import sys
+
+    code = ("import safetypatch.judges as j; "
+            "assert {'keyword_3class', 'refusal_xstest', 'llamaguard', 'xstest_3class'} <= set(j.JUDGES), j.JUDGES; "
+            "assert j.get_judge('keyword_3class').judge('q', 'I cannot do that.').label == '2_full_refusal'")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_keyword_refusal_uses_opening():

@@ -12,7 +12,12 @@ import pytest
 
 from conftest import SHARED
 from safetypatch.judges import JUDGES, Verdict, get_judge, verdict_summary
-from safetypatch.judges.model_judges import HARMBENCH_CLS_PROMPT, HARMBENCH_CLS_PROMPT_CONTEXTUAL, MODEL_JUDGES, STRONGREJECT_PROMPT, XSTEST_CLASSES, XSTEST_CLASSIFY_PROMPT, XSTEST_SYSTEM_PROMPT, _RawPromptTokenizer, format_harmbench, format_strongreject, format_xstest, parse_harmbench, parse_llamaguard, parse_strongreject, parse_xstest, strongreject_score
+from safetypatch.judges.model_judges import MODEL_JUDGES, RawPromptTokenizer
+from safetypatch.judges.model_prompts import (HARMBENCH_CLS_PROMPT, HARMBENCH_CLS_PROMPT_CONTEXTUAL,
+                                              STRONGREJECT_PROMPT, XSTEST_CLASSES, XSTEST_CLASSIFY_PROMPT,
+                                              XSTEST_SYSTEM_PROMPT, format_harmbench, format_strongreject,
+                                              format_xstest, parse_harmbench, parse_llamaguard, parse_strongreject,
+                                              parse_xstest, strongreject_score)
 from safetypatch.errors import JudgeError
 
 BAD = Verdict(None, "unparseable", parsed=False)
@@ -225,7 +230,7 @@ def test_judge_inputs(tiny_tok):
     from safetypatch.data.chat import prompt_ids
 
     text = format_harmbench("b", "g")
-    assert prompt_ids(_RawPromptTokenizer(tiny_tok), [{"role": "user", "content": text}]) == \
+    assert prompt_ids(RawPromptTokenizer(tiny_tok), [{"role": "user", "content": text}]) == \
         tiny_tok(text, add_special_tokens=True)["input_ids"]
 
 
@@ -269,22 +274,22 @@ def test_tiny_model_garbage_is_unparseable(name, tiny_model, tiny_tok):
 ])
 def test_scripted_judge_end_to_end(name, reply, expected, tiny_model, tiny_tok, monkeypatch):
     """With `generate` scripted to answer `reply`, a judge sends its formatted inputs greedily and parses the reply."""
-    import safetypatch.modeling.generation as generation
+    import safetypatch.modeling as modeling
 
     calls = []
 
     def scripted(model, tok, prompts, cfg=None, desc="", progress=True):
         calls.append((tok, list(prompts), cfg))
-        return [generation.Generation(text=reply, token_ids=[], finished=True) for _ in prompts]
+        return [modeling.Generation(text=reply, token_ids=[], finished=True) for _ in prompts]
 
-    monkeypatch.setattr(generation, "generate", scripted)
+    monkeypatch.setattr(modeling, "generate", scripted)
     judge = get_judge(name, model=(tiny_model, tiny_tok), batch_size=2)
     assert judge.judge_many(PROMPTS, RESPONSES) == [expected] * 3
     assert judge.counts == {"judged": 3, "unparseable": 0}
     tok, inputs, cfg = calls[0]
     assert inputs == [judge.format(p, r) for p, r in zip(PROMPTS, RESPONSES)]
     assert not cfg.do_sample and cfg.batch_size == 2 and cfg.max_new_tokens == judge.default_max_new_tokens
-    assert isinstance(tok, _RawPromptTokenizer) is (name == "harmbench_cls")
+    assert isinstance(tok, RawPromptTokenizer) is (name == "harmbench_cls")
 
 
 def test_chat_judge_needs_chat_template(tiny_model, tiny_tok):

@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from safetypatch.modeling import loading as models
+import safetypatch.modeling as models
 from safetypatch.errors import LMEvalUnavailable
 from safetypatch.evals.lm_eval_adapter import model_args, run_lm_eval, simple_evaluate_kwargs
 from safetypatch.errors import ModelError

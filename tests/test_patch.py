@@ -5,9 +5,9 @@ import torch
 
 from conftest import build_tiny_model
 from safetypatch.config import PatchShape
-from safetypatch.modeling.loading import fingerprint
+from safetypatch.modeling import fingerprint
 from safetypatch.errors import PatchError
-from safetypatch.patches.artifact import attach_new_patch, load_patch, patch_info, save_patch, verify_files
+from safetypatch.patches import attach_new_patch, load_patch, patch_info, save_patch, verify_files
 
 SHAPE = PatchShape(rank=2, alpha=4.0, target_modules=["up_proj", "q_proj"], layers="1")
 
@@ -98,6 +98,17 @@ def test_pickle_refused(tiny_tok, saved_patch):
         load_patch(build_tiny_model(tiny_tok), path, verify=False)
 
 
+def test_missing_patch_json_says_what_to_do(tiny_tok, saved_patch):
+    """The error used to suggest an `--allow-unverified` flag that no command has."""
+    _, path = saved_patch
+    (path / "patch.json").unlink()
+    with pytest.raises(PatchError) as e:
+        verify_files(path)
+    msg = str(e.value)
+    assert "--allow-unverified" not in msg
+    assert "no patch.json" in msg and "PeftModel.from_pretrained" in msg and "safetypatch train" in msg
+
+
 def test_save_never_overwrites(tiny_tok, saved_patch):
     model, path = saved_patch
     with pytest.raises(FileExistsError):
@@ -119,7 +130,7 @@ def test_half_precision_save(tiny_tok, tmp_path):
 
 def test_certificate_recorded_without_touching_weights(tiny_tok, saved_patch, capsys):
     from safetypatch.cli import main
-    from safetypatch.patches.artifact import record_evaluation
+    from safetypatch.patches import record_evaluation
 
     _, path = saved_patch
     record_evaluation(path, {"suite": "builtin:harmful:test", "n": 3,
@@ -152,7 +163,7 @@ def test_fingerprint_covers_every_weight_matrix_and_old_patches_still_load(tiny_
 
     import torch
 
-    from safetypatch.modeling.loading import fingerprint, fingerprint_differences
+    from safetypatch.modeling import fingerprint, fingerprint_differences
 
     base = build_tiny_model(tiny_tok)
     changed = build_tiny_model(tiny_tok)

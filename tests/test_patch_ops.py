@@ -1,4 +1,3 @@
-import argparse
 import json
 import warnings
 
@@ -7,10 +6,10 @@ import torch
 
 from conftest import build_tiny_model
 from safetypatch.config import PatchShape
-from safetypatch.modeling.loading import fingerprint
+from safetypatch.modeling import fingerprint
 from safetypatch.errors import PatchError
-from safetypatch.patches.artifact import attach_new_patch, load_patch, save_patch, verify_files
-from safetypatch.patches.ops import apply_patch, delta_weights, lora_deltas, merge_into, scale_patch, stack_patches, unmerge
+from safetypatch.patches import (apply_patch, attach_new_patch, delta_weights, load_patch, lora_deltas, merge_into,
+                                 save_patch, scale_patch, stack_patches, unmerge, verify_files)
 
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -19,7 +18,7 @@ def make_patch(tok, path, rank=2, alpha=4.0, modules=("up_proj", "q_proj"), laye
     """A saved patch with random A and B (PEFT's init has B = 0, which would hide mistakes)."""
     from peft import get_peft_model
 
-    from safetypatch.patches.artifact import lora_config
+    from safetypatch.patches import lora_config
 
     base = build_tiny_model(tok, seed=base_seed)
     if extra:
@@ -57,24 +56,11 @@ def base_weights(model):
     return {n: w.detach().clone() for n, w in model.state_dict().items()}
 
 
-def run_cli(argv, monkeypatch=None):
-    """Run `safetypatch ...` through cli.main with cli_patch.register wired into the `patch` group."""
-    from safetypatch import cli
-    from safetypatch.cli import patch as cli_patch
+def run_cli(argv):
+    """Run `safetypatch ...` through the command line's entry point; returns its exit status."""
+    from safetypatch.cli import main
 
-    build = cli.build_parser
-
-    def build_with_ops():
-        parser = build()
-        top = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))
-        psub = next(a for a in top.choices["patch"]._subparsers._group_actions
-                    if isinstance(a, argparse._SubParsersAction))
-        if "stack" not in psub.choices:  # not yet wired into cli.py
-            cli_patch.register(psub)
-        return parser
-
-    monkeypatch.setattr(cli, "build_parser", build_with_ops)
-    return cli.main(argv)
+    return main(argv)
 
 
 # ---------------------------------------------------------------------------------------------- lora_deltas
@@ -98,7 +84,7 @@ def test_lora_deltas_equal_peft_merge(tiny_tok, tmp_path, extra):
 
 
 def test_lora_deltas_refuse_non_lora(tiny_tok, tmp_path):
-    from safetypatch.patches.ops import read_adapter
+    from safetypatch.patches import read_adapter
 
     config, tensors = read_adapter(make_patch(tiny_tok, tmp_path / "p"))
     with pytest.raises(PatchError, match="DoRA"):
@@ -161,14 +147,14 @@ def test_stack_equals_parts_applied_in_turn(tiny_tok, tmp_path):
     assert (stacked - logits(build_tiny_model(tiny_tok), tiny_tok)).abs().max() > 1e-3  # the patches do something
 
 
-def test_stack_with_minus_itself_is_zero(tiny_tok, tmp_path, monkeypatch, capsys):
+def test_stack_with_minus_itself_is_zero(tiny_tok, tmp_path, capsys):
     p = make_patch(tiny_tok, tmp_path / "p", modules=ALL_MODULES, layers="all")
-    assert run_cli(["patch", "stack", str(p), str(p), "--weights", "1,-1", "-o", str(tmp_path / "z")], monkeypatch) == 0
+    assert run_cli(["patch", "stack", str(p), str(p), "--weights", "1,-1", "-o", str(tmp_path / "z")]) == 0
     assert "stacked" in capsys.readouterr().out
     assert max(dw.abs().max().item() for dw in delta_weights(tmp_path / "z").values()) < 1e-6
     base = logits(build_tiny_model(tiny_tok), tiny_tok)
     torch.testing.assert_close(patched_logits(tiny_tok, tmp_path / "z"), base, rtol=1e-5, atol=1e-5)
-    assert run_cli(["patch", "stack", str(p), str(p), "--weights", "1", "-o", str(tmp_path / "y")], monkeypatch) == 2
+    assert run_cli(["patch", "stack", str(p), str(p), "--weights", "1", "-o", str(tmp_path / "y")]) == 2
     assert "error: --weights has 1 value(s) for 2 patch(es)" in capsys.readouterr().err
 
 
@@ -187,9 +173,9 @@ def test_stack_refuses_existing_output(tiny_tok, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- scale
-def test_scale(tiny_tok, tmp_path, monkeypatch):
+def test_scale(tiny_tok, tmp_path):
     p = make_patch(tiny_tok, tmp_path / "p")
-    assert run_cli(["patch", "scale", str(p), "--factor", "0", "-o", str(tmp_path / "zero")], monkeypatch) == 0
+    assert run_cli(["patch", "scale", str(p), "--factor", "0", "-o", str(tmp_path / "zero")]) == 0
     base = logits(build_tiny_model(tiny_tok), tiny_tok)
     torch.testing.assert_close(patched_logits(tiny_tok, tmp_path / "zero"), base)
     meta = scale_patch(p, 2.0, tmp_path / "double")
@@ -225,12 +211,12 @@ def test_merge_unmerge_round_trip_every_module_type(tiny_tok, tmp_path):
         torch.testing.assert_close(after[n], w, rtol=0, atol=1e-6)
 
 
-def test_apply_writes_loadable_merged_model(tiny_tok, tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_apply_writes_loadable_merged_model(tiny_tok, tiny_model_dir, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = make_patch(tiny_tok, tmp_path / "p", modules=ALL_MODULES, layers="all")
     out = tmp_path / "merged"
-    assert run_cli(["patch", "apply", "--model", str(tiny_model_dir), str(p), "-o", str(out)], monkeypatch) == 0
+    assert run_cli(["patch", "apply", "--model", str(tiny_model_dir), str(p), "-o", str(out)]) == 0
     assert "merged" in capsys.readouterr().out
     names = {f.name for f in out.iterdir()}
     assert {"config.json", "model.safetensors", "merged_from.json", "tokenizer.json"} <= names
@@ -246,13 +232,13 @@ def test_apply_writes_loadable_merged_model(tiny_tok, tiny_model_dir, tmp_path, 
     assert not [x for x in tmp_path.iterdir() if x.name.startswith(".")]
 
 
-def test_merge_then_unmerge_cli_restores_base_every_module_type(tiny_tok, tiny_model_dir, tmp_path, monkeypatch):
+def test_merge_then_unmerge_cli_restores_base_every_module_type(tiny_tok, tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
     p = make_patch(tiny_tok, tmp_path / "p", modules=ALL_MODULES, layers="all")
     merged, restored = tmp_path / "merged", tmp_path / "restored"
-    assert run_cli(["patch", "merge", "--model", str(tiny_model_dir), str(p), "-o", str(merged)], monkeypatch) == 0
-    assert run_cli(["patch", "unmerge", "--model", str(merged), str(p), "-o", str(restored)], monkeypatch) == 0
+    assert run_cli(["patch", "merge", "--model", str(tiny_model_dir), str(p), "-o", str(merged)]) == 0
+    assert run_cli(["patch", "unmerge", "--model", str(merged), str(p), "-o", str(restored)]) == 0
     base, m, r = (load_file(d / "model.safetensors") for d in (tiny_model_dir, merged, restored))
     changed = {k.rsplit(".", 2)[-2] for k in base if not torch.equal(base[k], m[k])}
     assert changed >= set(ALL_MODULES)  # the merge moved every module type ...
@@ -262,10 +248,10 @@ def test_merge_then_unmerge_cli_restores_base_every_module_type(tiny_tok, tiny_m
     assert info["largest_change"] > 0
 
 
-def test_unmerge_refuses_model_merged_with_another_patch(tiny_tok, tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_unmerge_refuses_model_merged_with_another_patch(tiny_tok, tiny_model_dir, tmp_path, capsys):
     p1 = make_patch(tiny_tok, tmp_path / "p1", modules=ALL_MODULES, layers="all")
     p2 = make_patch(tiny_tok, tmp_path / "p2", modules=ALL_MODULES, layers="all", seed=5)
     merged = tmp_path / "merged"
     apply_patch(str(tiny_model_dir), p1, merged)
-    assert run_cli(["patch", "unmerge", "--model", str(merged), str(p2), "-o", str(tmp_path / "r")], monkeypatch) == 2
+    assert run_cli(["patch", "unmerge", "--model", str(merged), str(p2), "-o", str(tmp_path / "r")]) == 2
     assert "merged with patch" in capsys.readouterr().err

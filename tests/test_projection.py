@@ -3,9 +3,8 @@ import torch
 
 from conftest import build_tiny_model
 from safetypatch.config import PatchShape
-from safetypatch.patches.artifact import attach_new_patch, load_patch, save_patch, verify_files
-from safetypatch.patches.ops import delta_weights
-from safetypatch.patches.projection import project_patch, project_update
+from safetypatch.patches import (attach_new_patch, delta_weights, load_patch, project_patch, project_update, save_patch,
+                                 verify_files)
 
 
 @pytest.fixture()

@@ -7,9 +7,8 @@ from conftest import build_tiny_model
 from safetypatch.errors import ConfigError
 from safetypatch.config import PatchShape
 from safetypatch.data.readers import Record
-from safetypatch.modeling.loading import fingerprint
-from safetypatch.patches.artifact import attach_new_patch, load_patch, save_patch, verify_files
-from safetypatch.patches.ops import delta_weights
+from safetypatch.modeling import fingerprint
+from safetypatch.patches import attach_new_patch, delta_weights, load_patch, save_patch, verify_files
 from safetypatch.jobs.redteam import RedteamConfig, format_table, pick_failures, run_redteam, split_pool
 
 
@@ -103,3 +102,22 @@ def test_refusal_examples_use_the_pool_refusal_else_a_generic_one():
     assert all(keyword_refusal(r["response"]) for r in rows[1:])
     repeated = refusal_examples(failures, min_rows=7)
     assert len(repeated) == 9 and repeated[3:6] == rows and repeated[6:] == rows  # whole copies, in order
+
+
+def test_format_table_text_is_unchanged():
+    """The per-round table, character for character as before `tables.render_table` drew it (a stopped round
+    spans the columns)."""
+    table = [{"round": 0, "failures_found": None, "harmful_plain": 0.5, "harmful_worst_case": 0.25,
+              "benign_refusal": 0.125, "benign_kl": 0.0, "stack_rank": 1},
+             {"round": 1, "failures_found": 12, "harmful_plain": 0.875, "harmful_worst_case": 0.5,
+              "benign_refusal": 0.0625, "benign_kl": 0.00123456, "stack_rank": 2},
+             {"round": 2, "failures_found": 3, "harmful_plain": 1.0, "harmful_worst_case": 0.75, "benign_refusal": 0.0,
+              "stack_rank": 3},
+             {"round": 3, "failures_found": 0, "note": "no failures left on the red-team half", "parts": []}]
+    assert format_table(table) == (
+        "round  failures  harmful plain  worst case  benign refusal  benign KL  rank\n"
+        "---------------------------------------------------------------------------\n"
+        "    0         -            50%         25%           12.5%          0  1\n"
+        "    1        12            88%         50%            6.2%    0.00123  2\n"
+        "    2         3           100%         75%            0.0%          -  3\n"
+        "    3         0  (stopped: no failures left on the red-team half)")

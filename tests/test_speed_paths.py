@@ -7,7 +7,7 @@ import torch
 
 from safetypatch.errors import ConfigError
 from safetypatch.training.config import TrainConfig
-from safetypatch.training.trainer import train
+from safetypatch.jobs.train import train
 
 from conftest import build_tiny_model
 
@@ -77,27 +77,28 @@ def test_full_finetuning_caches_below_the_trained_layers(deep_model_dir, harmful
 
 
 def test_forward_from_layer_matches_the_full_decoder_with_padding(tiny_tok):
-    from safetypatch.training.trainer import _unwrap_lm, forward_from_layer
+    from safetypatch.modeling import unwrap_lm
+    from safetypatch.training.forward import forward_from_layer
 
     model = build_tiny_model(tiny_tok, layers=4)
     ids = torch.randint(3, len(tiny_tok), (3, 11))
     attn = torch.ones_like(ids)
     attn[1, 7:] = 0  # right padding, as the trainer's collate makes it
     attn[2, 4:] = 0
-    dec = _unwrap_lm(model).get_decoder()
+    dec = unwrap_lm(model).get_decoder()
     with torch.no_grad():
         ref = dec(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
         h = dec.embed_tokens(ids)
         for start in (0, 2):
             if start:
-                from safetypatch.training.trainer import PrefixCache
+                from safetypatch.training.speed import PrefixCache
 
                 pc = PrefixCache.__new__(PrefixCache)
                 pc.start, pc.shared = 2, 0
-                h_in = pc._bottom(_unwrap_lm(model), ids, attn)
+                h_in = pc.bottom(unwrap_lm(model), ids, attn)
             else:
                 h_in = h
-            got = forward_from_layer(_unwrap_lm(model), h_in, attn, start)
+            got = forward_from_layer(unwrap_lm(model), h_in, attn, start)
             m = attn.bool()
             torch.testing.assert_close(got[m], ref[m], rtol=1e-5, atol=1e-5)
 
@@ -132,8 +133,9 @@ def test_padding_does_not_leak_between_examples_of_a_batch(deep_model_dir, harmf
     """Length-grouped right-padded batches: an example's per-token loss is the same alone or with others."""
     import torch.nn.functional as F
 
-    from safetypatch.modeling.loading import load_model
-    from safetypatch.training.trainer import build_examples, collate, response_logits
+    from safetypatch.modeling import load_model
+    from safetypatch.training.examples import build_examples, collate
+    from safetypatch.training.loss import response_logits
 
     cfg = _cfg(deep_model_dir, harmful_file, benign_file)
     model, tok = load_model(str(deep_model_dir))
@@ -155,8 +157,10 @@ def test_train_step_and_speed_paths_are_usable_outside_train(deep_model_dir, har
     """The benchmark drives training through SpeedPaths + train_step; they restore the model afterwards."""
     from transformers import get_scheduler
 
-    from safetypatch.modeling.loading import load_model
-    from safetypatch.training.trainer import SpeedPaths, batches, build_examples, prepare_model, train_step
+    from safetypatch.modeling import load_model
+    from safetypatch.training.examples import batches, build_examples
+    from safetypatch.training.speed import SpeedPaths
+    from safetypatch.training.step import prepare_model, train_step
 
     cfg = _cfg(deep_model_dir, harmful_file, benign_file, bf16="yes")
     model, tok = load_model(str(deep_model_dir))
@@ -186,11 +190,12 @@ def test_speed_fields_are_validated():
 def test_shared_prompt_prefix_gives_the_full_decoders_states_and_gradients(tiny_tok, attn):
     """Rows that share their first tokens: running those once and attending to their cached keys / values gives
     the same hidden states and the same gradients (through the shared part too) as running every row whole."""
-    from safetypatch.training.trainer import _unwrap_lm, forward_from_layer
+    from safetypatch.modeling import unwrap_lm
+    from safetypatch.training.forward import forward_from_layer
 
     model = build_tiny_model(tiny_tok, layers=4)
     model.set_attn_implementation(attn)
-    lm = _unwrap_lm(model)
+    lm = unwrap_lm(model)
     ids = torch.randint(3, len(tiny_tok), (3, 12))
     ids[:, :5] = ids[0, :5]  # five shared leading tokens
     attn_mask = torch.ones_like(ids)
@@ -230,7 +235,7 @@ def test_shared_prompt_prefix_gives_the_same_loss(deep_model_dir, harmful_file, 
 
 def test_shared_prefix_length():
     from safetypatch.data.chat import Encoded
-    from safetypatch.training.trainer import shared_prefix_length
+    from safetypatch.training.forward import shared_prefix_length
 
     def ex(*ids):
         return Encoded(input_ids=list(ids), labels=list(ids), kind="refusal")

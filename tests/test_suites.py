@@ -11,8 +11,8 @@ import pytest
 from conftest import write_jsonl
 from safetypatch.cli import main
 from safetypatch.errors import SuiteError
-from safetypatch.evals.suite import list_suites, load_suite, three_class
-from safetypatch.judges import get_judge
+from safetypatch.evals.suite import list_suites, load_suite
+from safetypatch.judges import get_judge, three_class
 
 
 @pytest.fixture()
@@ -285,8 +285,8 @@ def test_all_entries_skipped_is_an_error(tiny_model_dir, tmp_path, capsys, monke
 
 def test_finetuned_model_is_compared_with_its_base_like_a_patch(tiny_model_dir, tiny_patch, tmp_path, capsys):
     """A full fine-tune equal to base + patch (the patch merged) gets the same refusal rates and KL as the patch."""
-    from safetypatch.modeling.loading import load_model
-    from safetypatch.patches.artifact import load_patch
+    from safetypatch.modeling import load_model
+    from safetypatch.patches import load_patch
 
     model, tok = load_model(str(tiny_model_dir))
     merged = load_patch(model, tiny_patch).merge_and_unload()

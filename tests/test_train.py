@@ -1,15 +1,16 @@
 import json
+import shutil
 
 import pytest
 import torch
 
 from safetypatch.training.config import TrainConfig
-from safetypatch.modeling.loading import load_model
-from safetypatch.patches.artifact import load_patch
-from safetypatch.training.trainer import train
+from safetypatch.modeling import load_model
+from safetypatch.patches import load_patch
+from safetypatch.jobs.train import train
 
 
-def _cfg(model_dir, harmful_file, benign_file, **kw):
+def tiny_recipe(model_dir, harmful_file, benign_file, **kw):
     base = dict(model=str(model_dir), data=str(harmful_file), benign=str(benign_file), rank=2, alpha=8.0,
                 target_modules=["up_proj"], layers="all", lr=5e-3, epochs=2, batch_size=4, dev_size=4,
                 dev_tokens=4, anchor_tokens=8, bf16="no", eval_every=0)
@@ -18,7 +19,7 @@ def _cfg(model_dir, harmful_file, benign_file, **kw):
 
 
 def test_lora_training_writes_a_loadable_patch(tiny_model_dir, harmful_file, benign_file, tmp_path):
-    res = train(_cfg(tiny_model_dir, harmful_file, benign_file), tmp_path / "run", progress=False)
+    res = train(tiny_recipe(tiny_model_dir, harmful_file, benign_file), tmp_path / "run", progress=False)
     log = [json.loads(l) for l in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert len(log) == res.stats["steps"] == 10  # 20 examples / batch 4 = 5 steps per epoch, 2 epochs
     refusal = [r["refusal"] for r in log if "refusal" in r]
@@ -31,14 +32,14 @@ def test_lora_training_writes_a_loadable_patch(tiny_model_dir, harmful_file, ben
     model, _ = load_model(str(tiny_model_dir))
     load_patch(model, res.output_dir)
     with pytest.raises(FileExistsError):
-        train(_cfg(tiny_model_dir, harmful_file, benign_file), tmp_path / "run", progress=False)
+        train(tiny_recipe(tiny_model_dir, harmful_file, benign_file), tmp_path / "run", progress=False)
 
 
 def test_kl_anchor_loss_and_speed_paths_agree(tiny_model_dir, harmful_file, benign_file, tmp_path):
     """Response-only logits and full logits give the same loss trajectory."""
-    train(_cfg(tiny_model_dir, harmful_file, benign_file, benign_loss="kl", epochs=1, group_by_length=False),
+    train(tiny_recipe(tiny_model_dir, harmful_file, benign_file, benign_loss="kl", epochs=1, group_by_length=False),
               tmp_path / "a", progress=False)
-    train(_cfg(tiny_model_dir, harmful_file, benign_file, benign_loss="kl", epochs=1, group_by_length=False,
+    train(tiny_recipe(tiny_model_dir, harmful_file, benign_file, benign_loss="kl", epochs=1, group_by_length=False,
                    response_only_logits=False), tmp_path / "b", progress=False)
     la = [json.loads(l)["loss"] for l in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
     lb = [json.loads(l)["loss"] for l in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
@@ -50,9 +51,9 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_model_dir, har
                                                              monkeypatch):
     from safetensors.torch import load_file
 
-    import safetypatch.training.trainer as tr
+    import safetypatch.training.step as tr
 
-    cfg = lambda: _cfg(tiny_model_dir, harmful_file, benign_file, eval_every=3)  # noqa: E731
+    cfg = lambda: tiny_recipe(tiny_model_dir, harmful_file, benign_file, eval_every=3)  # noqa: E731
     ref = train(cfg(), tmp_path / "ref", progress=False)
     real, calls = tr.compute_loss, {"n": 0}
 
@@ -70,7 +71,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_model_dir, har
     with pytest.raises(Exception, match="already holds results"):
         train(cfg(), tmp_path / "run", progress=False)
     with pytest.raises(ValueError, match="different recipe"):
-        train(_cfg(tiny_model_dir, harmful_file, benign_file, eval_every=3, lr=1e-2), tmp_path / "run",
+        train(tiny_recipe(tiny_model_dir, harmful_file, benign_file, eval_every=3, lr=1e-2), tmp_path / "run",
               resume=True, progress=False)
     res = train(cfg(), tmp_path / "run", resume=True, progress=False)
     assert res.stats["steps"] == ref.stats["steps"] == 10
@@ -83,7 +84,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_model_dir, har
 def test_full_finetuning_and_mixing(tiny_model_dir, harmful_file, benign_file, tmp_path):
     mix = tmp_path / "mix.jsonl"
     mix.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"answer {i}"}) + "\n" for i in range(30)))
-    res = train(_cfg(tiny_model_dir, harmful_file, benign_file, method="full", layers="1", epochs=1,
+    res = train(tiny_recipe(tiny_model_dir, harmful_file, benign_file, method="full", layers="1", epochs=1,
                      mix=str(mix), mix_ratio=0.3), tmp_path / "full", progress=False)
     meta = json.loads((res.output_dir / "finetune.json").read_text())
     assert meta["data"]["mix"]["n"] == round(0.3 / 0.7 * 20)
@@ -98,7 +99,7 @@ def test_contrast_init_starts_as_a_no_op_and_sets_a_direction(tiny_model_dir, ha
                                                              init):
     from safetypatch.training.lora_init import contrast_init
     from safetypatch.data import read_records
-    from safetypatch.patches.artifact import attach_new_patch
+    from safetypatch.patches import attach_new_patch
     from safetypatch.config import PatchShape
 
     model, tok = load_model(str(tiny_model_dir))
@@ -121,8 +122,8 @@ def test_contrast_init_starts_as_a_no_op_and_sets_a_direction(tiny_model_dir, ha
 def test_freeze_a_trains_b_only(tiny_model_dir, harmful_file, benign_file, tmp_path):
     from safetensors.torch import load_file
 
-    res = train(_cfg(tiny_model_dir, harmful_file, benign_file, init="lda", freeze_a=True, epochs=1), tmp_path / "r",
-                progress=False)
+    res = train(tiny_recipe(tiny_model_dir, harmful_file, benign_file, init="lda", freeze_a=True, epochs=1),
+                tmp_path / "r", progress=False)
     assert res.stats["trainable_parameters"] == 2 * 64 * 2  # B only: 2 layers x (64 out x rank 2)
     w = load_file(res.output_dir / "adapter_model.safetensors")
     assert any(v.abs().sum() > 0 for k, v in w.items() if "lora_B" in k)
@@ -143,7 +144,7 @@ def test_harmful_groups_split_whole_categories():
 
 
 def test_response_positions_count_from_the_first_answer_token():
-    from safetypatch.training.trainer import response_positions
+    from safetypatch.training.loss import response_positions
 
     labels = torch.tensor([[-100, -100, 5, 6, 7], [-100, 8, 9, -100, -100]])
     # targets are labels[:, 1:]: row 0 has answer tokens 5, 6, 7; row 1 has 8, 9
@@ -151,9 +152,41 @@ def test_response_positions_count_from_the_first_answer_token():
 
 
 def test_dev_score_penalises_over_refusal_beyond_tolerance():
-    from safetypatch.training.trainer import dev_score
+    from safetypatch.training.dev_checks import dev_score
 
     rates = {"harmful_refusal": 0.9, "benign_refusal": 0.10}
-    assert dev_score(rates, base_benign=0.08) == pytest.approx(0.9)  # within the 2-point tolerance
-    assert dev_score(rates, base_benign=0.0) == pytest.approx(0.9 - 3.0 * 0.08)
+    assert dev_score(rates, base_benign=0.08, penalty=3.0, tolerance=0.02) == pytest.approx(0.9)  # within tolerance
+    assert dev_score(rates, base_benign=0.0, penalty=3.0, tolerance=0.02) == pytest.approx(0.9 - 3.0 * 0.08)
     assert dev_score(rates, base_benign=0.0, penalty=10.0, tolerance=0.0) == pytest.approx(0.9 - 1.0)
+
+
+def test_dev_score_defaults_are_the_recipes():
+    """Called without penalty / tolerance, dev_score scores as a default TrainConfig does (10.0 / 0.0; the old
+    defaults, 3.0 / 0.02, disagreed with the recipe's)."""
+    from safetypatch.training.dev_checks import dev_score
+
+    cfg = TrainConfig()
+    rates = {"harmful_refusal": 0.9, "benign_refusal": 0.10}
+    for base in (0.0, 0.05, 0.09):
+        assert dev_score(rates, base) == dev_score(rates, base, cfg.dev_penalty, cfg.dev_tolerance)
+    assert dev_score(rates, base_benign=0.0) == pytest.approx(0.9 - 10.0 * 0.10)
+
+
+def test_resume_of_a_run_checkpointed_at_its_last_step_writes_the_patch(tiny_model_dir, harmful_file, benign_file,
+                                                                        tmp_path):
+    """A run whose checkpoint was taken at its final step (killed before the patch was written) resumes into the
+    patch without running a step (the old loop read the last step's record, which only a step sets)."""
+    from safetensors.torch import load_file
+
+    cfg = lambda: tiny_recipe(tiny_model_dir, harmful_file, benign_file, epochs=1)  # noqa: E731
+    first = train(cfg(), tmp_path / "run", progress=False)
+    weights = load_file(first.output_dir / "adapter_model.safetensors")
+    shutil.rmtree(first.output_dir)
+    (tmp_path / "run" / "train_stats.json").unlink()
+    res = train(cfg(), tmp_path / "run", resume=True, progress=False)
+    assert res.stats["steps"] == first.stats["steps"] == 5
+    assert res.stats["final_loss"] == first.stats["final_loss"]
+    assert res.stats["best_dev"] == first.stats["best_dev"]
+    again = load_file(res.output_dir / "adapter_model.safetensors")
+    assert again.keys() == weights.keys() and all(torch.equal(again[k], weights[k]) for k in weights)
+    assert json.loads((res.output_dir / "patch.json").read_text())["training"]["steps"] == 5

@@ -9,7 +9,8 @@ from conftest import write_jsonl
 from safetypatch.config import GenerationConfig, PatchShape
 from safetypatch.errors import DataError
 from safetypatch.evals import utility
-from safetypatch.patches.artifact import attach_new_patch
+from safetypatch.modeling.backends import TransformersBackend
+from safetypatch.patches import attach_new_patch
 
 
 def _direct_loglik(model, tok, ctx: str, cont: str) -> float:
@@ -40,7 +41,8 @@ def mc_file(tmp_path):
 def test_mc_accuracy_matches_direct_computation(tiny_model, tiny_tok, mc_file, style):
     items = utility.load_mc_jsonl(mc_file)
     assert [it.answer for it in items] == [0, 2, 0]
-    res = utility.mc_accuracy(tiny_model, tiny_tok, items, style=style, batch_size=2, progress=False)
+    backend = TransformersBackend(tiny_model, tiny_tok)
+    res = utility.mc_accuracy(backend, items, style=style, batch_size=2, progress=False)
     correct = 0
     for it, row in zip(items, res.rows):
         ctx, conts = utility.mc_context(it, style)
@@ -117,7 +119,8 @@ def test_gsm8k_gold_and_scoring(tmp_path):
 
 def test_gsm8k_exact_match_runs_on_tiny_model(tiny_model, tiny_tok, tmp_path):
     items = utility.load_gsm8k(write_jsonl(tmp_path / "g.jsonl", [{"question": "2+3?", "answer": "#### 5"}]))
-    res = utility.gsm8k_exact_match(tiny_model, tiny_tok, items, GenerationConfig(max_new_tokens=3), progress=False)
+    backend = TransformersBackend(tiny_model, tiny_tok)
+    res = utility.gsm8k_exact_match(backend, items, GenerationConfig(max_new_tokens=3), progress=False)
     assert res.n == 1 and res.exact_match in (0.0, 1.0)
 
 
@@ -155,8 +158,9 @@ def test_kl_needs_a_patch(tiny_model, tiny_tok):
 
 def test_perplexity_finite_and_batch_independent(tiny_model, tiny_tok, tmp_path):
     texts = ["The capital of France is Paris.", "Write a poem about the sea and the moon, please, today.", "Hi"]
-    a = utility.perplexity(tiny_model, tiny_tok, texts, batch_size=3, progress=False)
-    b = utility.perplexity(tiny_model, tiny_tok, texts, batch_size=1, progress=False)
+    backend = TransformersBackend(tiny_model, tiny_tok)
+    a = utility.perplexity(backend, texts, batch_size=3, progress=False)
+    b = utility.perplexity(backend, texts, batch_size=1, progress=False)
     assert math.isfinite(a.perplexity) and a.perplexity > 1
     assert a.perplexity == pytest.approx(b.perplexity, rel=1e-4)
     assert a.perplexity == pytest.approx(math.exp(a.nll_per_token))

@@ -1,3 +1,5 @@
+"""`python -m safetypatch ...`: the same command line as the `safetypatch` script."""
+
 import sys
 
 from .cli import main

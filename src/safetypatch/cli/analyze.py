@@ -1,17 +1,17 @@
-"""`safetypatch analyze`: the geometry of a patch (or a full fine-tune) relative to its base model.
-
-    safetypatch analyze --model M (--patch P | --finetuned DIR) [--k 1,8,32] [--out DIR] [--no-shift]
-
-Heavy imports happen inside the command so `--help` stays instant.
-"""
+"""`safetypatch analyze`: the geometry of a patch (or a full fine-tune) relative to its base model. Flags come from
+`jobs.analyze.AnalyzeConfig`; heavy imports happen inside the job so `--help` stays instant."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
+from ..jobs.analyze import AnalyzeConfig
+from .flags import add_command, config_from_args
 
-def _ks(text: str) -> tuple[int, ...]:
+
+def parse_ks(text: str) -> tuple[int, ...]:
+    """'1,8,32' -> (1, 8, 32): subspace sizes, each >= 1."""
     try:
         ks = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
@@ -22,33 +22,14 @@ def _ks(text: str) -> tuple[int, ...]:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from ..geometry.analysis import analyze_with_shift, format_table
+    from ..jobs.analyze import run_analyze
 
-    records, shift = analyze_with_shift(args.model, patch=args.patch, finetuned=args.finetuned, ks=args.k,
-                                        out_dir=args.out, shift=not args.no_shift, limit=args.limit)
-    print(format_table(records))
-    if shift is not None:
-        print("\nhidden-state shift ||h_patched - h_base|| / ||h_base|| at the last prompt token, per layer:")
-        print("layer   benign  harmful")
-        for i, (b, h) in enumerate(zip(shift["benign"], shift["harmful"])):
-            print(f"{i:>5} {b:>8.4f} {h:>8.4f}")
-    if args.out:
-        print(f"\nwritten: {args.out}/geometry.json, overlap_heatmap.png"
-              + (", shift.json, shift.png" if shift is not None else ""))
+    print(run_analyze(config_from_args(AnalyzeConfig, args)))
     return 0
 
 
-def register(subparsers: Any) -> argparse.ArgumentParser:
+def register(sub: Any) -> argparse.ArgumentParser:
     """Add the `analyze` command to an argparse subparsers object."""
-    a = subparsers.add_parser("analyze", help="geometry of a patch: update size, overlap with the base weights' "
-                                               "top singular subspaces vs chance, hidden-state shift")
-    a.add_argument("--model", default="default", help="base model: hub id, local dir, .gguf file, or 'default'")
-    what = a.add_mutually_exclusive_group(required=True)
-    what.add_argument("--patch", help="LoRA patch directory (dW = alpha/r B A)")
-    what.add_argument("--finetuned", help="fully fine-tuned model directory (dW = W_ft - W0)")
-    a.add_argument("--k", type=_ks, default=(1, 8, 32), help="subspace sizes, comma separated (default: 1,8,32)")
-    a.add_argument("--out", help="write geometry.json, shift.json and the plots into this directory")
-    a.add_argument("--no-shift", action="store_true", help="skip the hidden-state shift (no forward passes)")
-    a.add_argument("--limit", type=int, default=20, help="prompts per side for the shift (built-in dev splits)")
-    a.set_defaults(func=cmd_analyze)
-    return a
+    return add_command(sub, "analyze", "geometry of a patch: update size, overlap with the base weights' top singular "
+                       "subspaces vs chance, hidden-state shift", cmd_analyze, AnalyzeConfig,
+                       converters={"k": parse_ks})

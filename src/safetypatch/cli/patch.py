@@ -1,17 +1,97 @@
-"""`safetypatch patch stack | scale | merge (apply) | unmerge | export`: subcommands added to the `patch` group by `register`.
+"""`safetypatch patch info | stack | scale | merge (apply) | unmerge | export | project`: the `patch` command group.
 
-Heavy imports happen inside the command functions so `--help` stays instant. Errors are PatchError (the main CLI
-prints `error: ...` and exits 2).
+Each sub-command's flags come from its small dataclass below. Heavy imports happen inside the command functions so
+`--help` stays instant. Errors are PatchError (the main CLI prints `error: ...` and exits 2).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import PatchError
+from ..patches import SIDES
+from .flags import add_command
+
+MODEL_HELP = "base model: hub id, local dir, .gguf file, or 'default'"
+
+
+def _patch() -> Any:
+    return field(metadata={"positional": True})
+
+
+def _out(help: str) -> Any:
+    return field(metadata={"flags": ("-o", "--out"), "required": True, "help": help})
+
+
+def _overwrite(help: str | None = "replace an existing output") -> Any:
+    return field(default=False, metadata={"help": help} if help else {})
+
+
+@dataclass(kw_only=True)
+class InfoArgs:
+    patch: str = _patch()
+    json: bool = False
+
+
+@dataclass(kw_only=True)
+class StackArgs:
+    patches: list[str] = field(metadata={"positional": True, "nargs": "+", "metavar": "PATCH"})
+    out: str = _out("output patch directory")
+    weights: str | None = field(default=None, metadata={
+        "help": "comma-separated weights, one per patch (default all 1); write --weights=-1,1 when the first is "
+                "negative"})
+    overwrite: bool = _overwrite()
+
+
+@dataclass(kw_only=True)
+class PatchOpArgs:
+    """A patch in, a new directory out (replaced only with --overwrite); sub-classes add their own flags."""
+
+    patch: str = _patch()
+    out: str = _out("output patch directory")
+    overwrite: bool = _overwrite()
+
+
+@dataclass(kw_only=True)
+class ScaleArgs(PatchOpArgs):
+    factor: float = field(metadata={"required": True, "help": "e.g. 0.5 for half strength, -1 to invert"})
+
+
+@dataclass(kw_only=True)
+class MergeArgs(PatchOpArgs):
+    out: str = _out("output model directory (safetensors + tokenizer)")
+    model: str = field(default="default", metadata={"help": MODEL_HELP})
+
+
+@dataclass(kw_only=True)
+class UnmergeArgs(PatchOpArgs):
+    out: str = _out("output model directory for the restored base")
+    model: str = field(metadata={"required": True, "help": "the merged model directory"})
+
+
+@dataclass(kw_only=True)
+class ExportArgs(PatchOpArgs):
+    out: str = _out("output directory (peft) or .gguf file (gguf)")
+    format: str = field(metadata={"required": True, "choices": ("peft", "gguf")})
+    max_lora_rank: int = field(default=16, metadata={"help": "peft: warn when the rank exceeds vLLM's setting"})
+    arch: str = field(default="llama", metadata={"help": "gguf: llama.cpp architecture name"})
+    model: str | None = field(default=None, metadata={
+        "help": "gguf: base model (for its head counts; default: the spec in patch.json)"})
+    n_head: int | None = field(default=None, metadata={"help": "gguf: attention heads (instead of --model)"})
+    n_head_kv: int | None = field(default=None, metadata={"help": "gguf: key/value heads (default --n-head)"})
+    dtype: str = field(default="float32", metadata={"choices": ("float32", "float16"), "help": "gguf: tensor type"})
+
+
+@dataclass(kw_only=True)
+class ProjectArgs(PatchOpArgs):
+    overwrite: bool = _overwrite(None)
+    model: str = field(default="default", metadata={"help": MODEL_HELP})
+    k: int = field(default=16, metadata={"help": "size of the protected top-k subspace"})
+    side: str = field(default="both", metadata={"choices": SIDES})
 
 
 def parse_weights(text: str | None, n: int) -> list[float]:
@@ -27,28 +107,65 @@ def parse_weights(text: str | None, n: int) -> list[float]:
     return weights
 
 
+# ------------------------------------------------------------------------------------------------- commands
+def cmd_info(args: argparse.Namespace) -> int:
+    from ..patches import patch_info
+
+    info = patch_info(args.patch)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    for k, v in info.items():
+        if k in ("evaluations", "calibration"):
+            continue
+        if k == "training" and isinstance(v, dict):
+            v = ", ".join(f"{a}={b}" for a, b in v.items() if not isinstance(b, dict))
+        print(f"{k:>17}: {v}")
+    print_certificate(info.get("evaluations") or [], info.get("calibration"))
+    return 0
+
+
+def print_certificate(evals: list[dict[str, Any]], cal: dict[str, Any] | None) -> None:
+    """The evaluations and the calibration recorded in patch.json, as `patch info` shows them."""
+    print(f"{'certificate':>17}: " + ("no evaluation recorded" if not evals else f"{len(evals)} evaluation(s)"))
+    for e in evals:
+        rates = "; ".join(f"{name}: " + ", ".join(f"{j} {v:.1%}" for j, v in by_judge.items())
+                          for name, by_judge in e.get("refusal", {}).items())
+        print(f"{'':>17}  {e.get('date', '?')}  {e.get('suite', '?')}  n={e.get('n', '?')}  {rates}")
+    if cal:
+        budget = f"base benign {cal['base_benign_refusal']:.1%} + budget {cal['budget']:.0%}"
+        if cal["within_budget"]:
+            at = next(p for p in cal["curve"] if p["factor"] == cal["chosen_factor"])
+            line = (f"s = {cal['chosen_factor']:g}: harmful {at['harmful_refusal']:.1%}, benign "
+                    f"{at['benign_refusal']:.1%} ({budget})")
+        else:
+            line = f"no factor within {budget}"
+        print(f"{'calibration':>17}: {line}  {cal['date']}")
+
+
 def cmd_stack(args: argparse.Namespace) -> int:
-    from ..patches.ops import stack_patches
+    from ..patches import stack_patches
 
     weights = parse_weights(args.weights, len(args.patches))
     meta = stack_patches(args.patches, weights, args.out, overwrite=args.overwrite)
     parts = " + ".join(f"{w:g} x {Path(p).name}" for p, w in zip(args.patches, weights))
     shape = meta["shape"]
+    layers = ",".join(map(str, shape["layers"])) if isinstance(shape["layers"], list) else str(shape["layers"])
     print(f"stacked {parts} -> {args.out}: rank {shape['rank']}, modules {','.join(shape['target_modules'])}, "
-          f"layers {_layers(shape['layers'])}")
+          f"layers {layers}")
     return 0
 
 
 def cmd_scale(args: argparse.Namespace) -> int:
-    from ..patches.ops import scale_patch
+    from ..patches import scale_patch
 
     scale_patch(args.patch, args.factor, args.out, overwrite=args.overwrite)
     print(f"scaled {args.patch} by {args.factor:g} -> {args.out}")
     return 0
 
 
-def cmd_apply(args: argparse.Namespace) -> int:
-    from ..patches.ops import apply_patch
+def cmd_merge(args: argparse.Namespace) -> int:
+    from ..patches import apply_patch
 
     out = apply_patch(args.model, args.patch, args.out, overwrite=args.overwrite)
     print(f"merged {args.patch} into {args.model} -> {out} (load it with from_pretrained; see merged_from.json; "
@@ -57,7 +174,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 def cmd_unmerge(args: argparse.Namespace) -> int:
-    from ..patches.ops import unmerge_patch
+    from ..patches import unmerge_patch
 
     out = unmerge_patch(args.model, args.patch, args.out, overwrite=args.overwrite)
     info = json.loads((out / "unmerged_from.json").read_text())
@@ -69,7 +186,7 @@ def cmd_unmerge(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..patches.export import export_gguf, export_peft
+    from ..patches import export_gguf, export_peft
 
     if args.format == "peft":
         warnings = export_peft(args.patch, args.out, max_lora_rank=args.max_lora_rank, overwrite=args.overwrite)
@@ -84,52 +201,34 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _layers(layers: Any) -> str:
-    return ",".join(map(str, layers)) if isinstance(layers, list) else str(layers)
+def cmd_project(args: argparse.Namespace) -> int:
+    from ..patches import project_patch
+
+    meta = project_patch(args.patch, args.model, args.k, args.out, side=args.side, overwrite=args.overwrite)
+    d = meta["derived_from"]
+    print(f"projected {args.patch} off the top-{d['k']} {d['side']} subspace(s) -> {args.out}: "
+          f"kept {d['retained_energy']:.1%} of the update's energy")
+    return 0
 
 
-def register(patch_subparsers: Any) -> None:
-    """Add stack / scale / apply / export to the `safetypatch patch` sub-parser group."""
-    s = patch_subparsers.add_parser("stack", help="combine patches exactly: dW = sum_i w_i dW_i (ranks concatenated)")
-    s.add_argument("patches", nargs="+", metavar="PATCH")
-    s.add_argument("-o", "--out", required=True, help="output patch directory")
-    s.add_argument("--weights", help="comma-separated weights, one per patch (default all 1); "
-                                     "write --weights=-1,1 when the first is negative")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    s.set_defaults(func=cmd_stack)
+# ------------------------------------------------------------------------------------------------- parser
+MERGE_HELP = "merge a patch into its base model and write the merged model"
+COMMANDS: tuple[tuple[str, str, Any, type], ...] = (
+    ("info", "recipe, base fingerprint, shape, size, sha256 and evaluation summary", cmd_info, InfoArgs),
+    ("stack", "combine patches exactly: dW = sum_i w_i dW_i (ranks concatenated)", cmd_stack, StackArgs),
+    ("scale", "multiply a patch's update by a factor", cmd_scale, ScaleArgs),
+    ("merge", MERGE_HELP, cmd_merge, MergeArgs),
+    ("apply", MERGE_HELP + " (same as merge)", cmd_merge, MergeArgs),
+    ("unmerge", "subtract a patch from a merged model: restores the base weights", cmd_unmerge, UnmergeArgs),
+    ("export", "export for serving: PEFT adapter (vLLM) or GGUF LoRA (llama.cpp)", cmd_export, ExportArgs),
+    ("project", "remove the part of a patch inside the base weights' top-k singular subspace (orthogonal "
+                "projection, refactored to rank r)", cmd_project, ProjectArgs),
+)
 
-    c = patch_subparsers.add_parser("scale", help="multiply a patch's update by a factor")
-    c.add_argument("patch")
-    c.add_argument("--factor", type=float, required=True, help="e.g. 0.5 for half strength, -1 to invert")
-    c.add_argument("-o", "--out", required=True, help="output patch directory")
-    c.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    c.set_defaults(func=cmd_scale)
 
-    for name in ("merge", "apply"):
-        a = patch_subparsers.add_parser(name, help="merge a patch into its base model and write the merged model"
-                                        + (" (same as merge)" if name == "apply" else ""))
-        a.add_argument("patch")
-        a.add_argument("--model", default="default", help="base model: hub id, local dir, .gguf file, or 'default'")
-        a.add_argument("-o", "--out", required=True, help="output model directory (safetensors + tokenizer)")
-        a.add_argument("--overwrite", action="store_true", help="replace an existing output")
-        a.set_defaults(func=cmd_apply)
-
-    u = patch_subparsers.add_parser("unmerge", help="subtract a patch from a merged model: restores the base weights")
-    u.add_argument("patch")
-    u.add_argument("--model", required=True, help="the merged model directory")
-    u.add_argument("-o", "--out", required=True, help="output model directory for the restored base")
-    u.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    u.set_defaults(func=cmd_unmerge)
-
-    e = patch_subparsers.add_parser("export", help="export for serving: PEFT adapter (vLLM) or GGUF LoRA (llama.cpp)")
-    e.add_argument("patch")
-    e.add_argument("--format", choices=("peft", "gguf"), required=True)
-    e.add_argument("-o", "--out", required=True, help="output directory (peft) or .gguf file (gguf)")
-    e.add_argument("--max-lora-rank", type=int, default=16, help="peft: warn when the rank exceeds vLLM's setting")
-    e.add_argument("--arch", default="llama", help="gguf: llama.cpp architecture name (default llama)")
-    e.add_argument("--model", help="gguf: base model (for its head counts; default: the spec in patch.json)")
-    e.add_argument("--n-head", type=int, help="gguf: attention heads (instead of --model)")
-    e.add_argument("--n-head-kv", type=int, help="gguf: key/value heads (default --n-head)")
-    e.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="gguf: tensor type")
-    e.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    e.set_defaults(func=cmd_export)
+def register(sub: Any) -> None:
+    """The `patch` group and its sub-commands."""
+    group = sub.add_parser("patch", help="inspect and manage patches")
+    psub = group.add_subparsers(dest="patch_command", required=True)
+    for name, help, func, args in COMMANDS:
+        add_command(psub, name, help, func, args)

@@ -29,7 +29,9 @@ ATTACKS: dict[str, Attack] = {}
 JAILBROKEN = "Wei et al. 2023, Jailbroken (arXiv 2307.02483)"
 
 
-def register(name: str, description: str, source: str = JAILBROKEN) -> Callable[[Callable[[str], str]], Callable[[str], str]]:
+def register(name: str, description: str,
+             source: str = JAILBROKEN) -> Callable[[Callable[[str], str]], Callable[[str], str]]:
+    """Decorator: register a prompt transform as attack `name` (cite its `source`)."""
     def wrap(fn: Callable[[str], str]) -> Callable[[str], str]:
         ATTACKS[name] = Attack(name, description, source, fn)
         return fn

@@ -4,6 +4,9 @@ Each loader reads a local file in the benchmark's own layout (path given, or fou
 directory laid out like the project's `../shared/data`) and otherwise its usual hub dataset id through
 `datasets.load_dataset`. Every record's meta has `benchmark`, `id`, `category` and `label` ("harmful" / "benign").
 A user's own file works the same way: `load_benchmark("file:/path/prompts.jsonl")`.
+
+The registry is public: `BENCHMARKS` (name -> spec) and `register_benchmark(spec)`, a decorator on the loader; a new
+benchmark is one decorated function (e.g. `_advbench` below).
 """
 
 from __future__ import annotations
@@ -27,14 +30,18 @@ class BenchmarkSpec:
     default_path: str | None  # relative to $SAFETYPATCH_DATA
 
 
+Loader = Callable[[Path | None], list[Record]]  # the local file (None: the hub copy) -> the prompts
 BENCHMARKS: dict[str, BenchmarkSpec] = {}
-_LOADERS: dict[str, Callable[[Path | None], list[Record]]] = {}
+BENCHMARK_LOADERS: dict[str, Loader] = {}
 
 
-def _register(spec: BenchmarkSpec) -> Callable[[Callable[[Path | None], list[Record]]], Callable]:
-    def wrap(fn: Callable[[Path | None], list[Record]]) -> Callable:
+def register_benchmark(spec: BenchmarkSpec) -> Callable[[Loader], Loader]:
+    """Decorator: register `spec` with its loader (a function of the local file, None for the hub copy, returning
+    `Record`s whose meta has benchmark, id, category and label). A new benchmark is one decorated loader; cite
+    the source (paper, hub id, file layout) in the spec's description."""
+    def wrap(fn: Loader) -> Loader:
         BENCHMARKS[spec.name] = spec
-        _LOADERS[spec.name] = fn
+        BENCHMARK_LOADERS[spec.name] = fn
         return fn
     return wrap
 
@@ -59,7 +66,7 @@ def load_benchmark(name: str, path: str | Path | None = None, limit: int | None 
     local = Path(path) if path else _default_local(spec)
     if local is not None and not local.exists():
         raise DataError(f"{local}: no such file for benchmark '{name}'")
-    records = _LOADERS[name](local)
+    records = BENCHMARK_LOADERS[name](local)
     if not records:
         raise DataError(f"{local or spec.hub_id}: benchmark '{name}' has no prompts")
     return records[:limit] if limit else records
@@ -99,8 +106,9 @@ def _rec(benchmark: str, prompt: str, idx: str, category: str, label: str, **met
                                                 "label": label, **meta})
 
 
-@_register(BenchmarkSpec("advbench", "harmful", "AdvBench harmful_behaviors (Zou et al. 2023): goal,target",
-                         "walledai/AdvBench", "advbench/harmful_behaviors.csv"))
+@register_benchmark(BenchmarkSpec(
+    "advbench", "harmful", "AdvBench harmful_behaviors (Zou et al. 2023): goal,target",
+    "walledai/AdvBench", "advbench/harmful_behaviors.csv"))
 def _advbench(path: Path | None) -> list[Record]:
     if path is None:
         return [_rec("advbench", r["prompt"], str(i), "", "harmful") for i, r in enumerate(_hub_rows("walledai/AdvBench"))]
@@ -123,14 +131,16 @@ def _harmbench(path: Path | None, functional: str, name: str) -> list[Record]:
     return out
 
 
-@_register(BenchmarkSpec("harmbench", "harmful", "HarmBench text behaviours, standard (Mazeika et al. 2024)",
-                         "walledai/HarmBench", "harmbench/harmbench_behaviors_text_val.csv"))
+@register_benchmark(BenchmarkSpec(
+    "harmbench", "harmful", "HarmBench text behaviours, standard (Mazeika et al. 2024)",
+    "walledai/HarmBench", "harmbench/harmbench_behaviors_text_val.csv"))
 def _harmbench_standard(path: Path | None) -> list[Record]:
     return _harmbench(path, "standard", "harmbench")
 
 
-@_register(BenchmarkSpec("harmbench_contextual", "harmful", "HarmBench contextual behaviours (context + request)",
-                         "walledai/HarmBench", "harmbench/harmbench_behaviors_text_val.csv"))
+@register_benchmark(BenchmarkSpec(
+    "harmbench_contextual", "harmful", "HarmBench contextual behaviours (context + request)",
+    "walledai/HarmBench", "harmbench/harmbench_behaviors_text_val.csv"))
 def _harmbench_contextual(path: Path | None) -> list[Record]:
     return _harmbench(path, "contextual", "harmbench_contextual")
 
@@ -144,14 +154,16 @@ def _jbb(path: Path | None, split: str, name: str, label: str) -> list[Record]:
             for i, r in enumerate(rows)]
 
 
-@_register(BenchmarkSpec("jbb_harmful", "harmful", "JailbreakBench JBB-Behaviors, harmful (Chao et al. 2024)",
-                         "JailbreakBench/JBB-Behaviors", "jbb/harmful-behaviors.csv"))
+@register_benchmark(BenchmarkSpec(
+    "jbb_harmful", "harmful", "JailbreakBench JBB-Behaviors, harmful (Chao et al. 2024)",
+    "JailbreakBench/JBB-Behaviors", "jbb/harmful-behaviors.csv"))
 def _jbb_harmful(path: Path | None) -> list[Record]:
     return _jbb(path, "harmful", "jbb_harmful", "harmful")
 
 
-@_register(BenchmarkSpec("jbb_benign", "benign", "JailbreakBench JBB-Behaviors, benign twins",
-                         "JailbreakBench/JBB-Behaviors", "jbb/benign-behaviors.csv"))
+@register_benchmark(BenchmarkSpec(
+    "jbb_benign", "benign", "JailbreakBench JBB-Behaviors, benign twins",
+    "JailbreakBench/JBB-Behaviors", "jbb/benign-behaviors.csv"))
 def _jbb_benign(path: Path | None) -> list[Record]:
     return _jbb(path, "benign", "jbb_benign", "benign")
 
@@ -165,14 +177,16 @@ def _strongreject(path: Path | None, name: str, hub_file: str) -> list[Record]:
             for i, r in enumerate(rows)]
 
 
-@_register(BenchmarkSpec("strongreject", "harmful", "StrongREJECT (Souly et al. 2024): category,source,forbidden_prompt",
-                         "walledai/StrongREJECT", "strongreject/strongreject_dataset.csv"))
+@register_benchmark(BenchmarkSpec(
+    "strongreject", "harmful", "StrongREJECT (Souly et al. 2024): category,source,forbidden_prompt",
+    "walledai/StrongREJECT", "strongreject/strongreject_dataset.csv"))
 def _sr(path: Path | None) -> list[Record]:
     return _strongreject(path, "strongreject", "strongreject_dataset.csv")
 
 
-@_register(BenchmarkSpec("strongreject_small", "harmful", "StrongREJECT small subset", None,
-                         "strongreject/strongreject_small_dataset.csv"))
+@register_benchmark(BenchmarkSpec(
+    "strongreject_small", "harmful", "StrongREJECT small subset", None,
+    "strongreject/strongreject_small_dataset.csv"))
 def _sr_small(path: Path | None) -> list[Record]:
     if path is None:
         raise DataError("strongreject_small: give --path to strongreject_small_dataset.csv (no hub copy is known)")
@@ -189,20 +203,23 @@ def _xstest(path: Path | None, want: str, name: str) -> list[Record]:
             for r in rows if r["label"] == want]
 
 
-@_register(BenchmarkSpec("xstest_safe", "benign", "XSTest safe prompts (Röttger et al. 2024), 10 safe types",
-                         "walledai/XSTest", "xstest/xstest_prompts.csv"))
+@register_benchmark(BenchmarkSpec(
+    "xstest_safe", "benign", "XSTest safe prompts (Röttger et al. 2024), 10 safe types",
+    "walledai/XSTest", "xstest/xstest_prompts.csv"))
 def _xs_safe(path: Path | None) -> list[Record]:
     return _xstest(path, "safe", "xstest_safe")
 
 
-@_register(BenchmarkSpec("xstest_unsafe", "harmful", "XSTest unsafe contrast prompts", "walledai/XSTest",
-                         "xstest/xstest_prompts.csv"))
+@register_benchmark(BenchmarkSpec(
+    "xstest_unsafe", "harmful", "XSTest unsafe contrast prompts", "walledai/XSTest",
+    "xstest/xstest_prompts.csv"))
 def _xs_unsafe(path: Path | None) -> list[Record]:
     return _xstest(path, "unsafe", "xstest_unsafe")
 
 
-@_register(BenchmarkSpec("malicious_instruct", "harmful", "MaliciousInstruct (Huang et al. 2023), one per line",
-                         "walledai/MaliciousInstruct", "malicious_instruct/malicious_instruct.txt"))
+@register_benchmark(BenchmarkSpec(
+    "malicious_instruct", "harmful", "MaliciousInstruct (Huang et al. 2023), one per line",
+    "walledai/MaliciousInstruct", "malicious_instruct/malicious_instruct.txt"))
 def _mi(path: Path | None) -> list[Record]:
     if path is None:
         return [_rec("malicious_instruct", r["prompt"], str(i), "", "harmful")
@@ -220,7 +237,9 @@ def _builtin(set_name: str, label: str) -> Callable[[Path | None], list[Record]]
     return load
 
 
-_register(BenchmarkSpec("builtin_harmful", "harmful", "safetypatch built-in harmful requests, test split", None, None))(
+register_benchmark(BenchmarkSpec(
+    "builtin_harmful", "harmful", "safetypatch built-in harmful requests, test split", None, None))(
     _builtin("harmful", "harmful"))
-_register(BenchmarkSpec("builtin_benign", "benign", "safetypatch built-in benign requests, test split", None, None))(
+register_benchmark(BenchmarkSpec(
+    "builtin_benign", "benign", "safetypatch built-in benign requests, test split", None, None))(
     _builtin("benign", "benign"))

@@ -4,7 +4,7 @@
     # == lm_eval.simple_evaluate(model="hf", model_args="pretrained=<dir>,peft=runs/p1/patch", tasks=["arc_easy"])
 
 For the embedded default (and any .gguf), `pretrained` is the cached safetensors directory from
-`safetypatch.models.model_directory`. lm-eval is an optional extra: `pip install 'safetypatch[lm-eval]'`.
+`safetypatch.modeling.model_directory`. lm-eval is an optional extra: `pip install 'safetypatch[lm-eval]'`.
 """
 
 from __future__ import annotations
@@ -12,13 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..modeling import loading as _models
-from ..errors import ModelError
-from ..errors import LMEvalUnavailable
+from .. import modeling
+from ..errors import LMEvalUnavailable, ModelError
 
 LM_EVAL_INSTALL_HINT = "pip install 'safetypatch[lm-eval]' (or pip install lm-eval)"
-
-
 
 
 def _require_lm_eval() -> Any:
@@ -40,9 +37,9 @@ def _arg_value(key: str, value: str) -> str:
 def model_args(model: str = "default", patch: str | Path | None = None, dtype: str | None = None,
                extra: dict[str, Any] | None = None) -> str:
     """The `model_args` string for lm-eval's "hf" model: pretrained=DIR[,peft=PATCH][,dtype=..][,k=v...]."""
-    pairs = {"pretrained": _models.model_directory(model)}
+    pairs = {"pretrained": modeling.model_directory(model)}
     if patch is not None:
-        from ..patches.artifact import check_adapter_dir
+        from ..patches import check_adapter_dir
 
         pairs["peft"] = str(check_adapter_dir(patch))
     if dtype:

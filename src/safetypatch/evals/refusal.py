@@ -9,18 +9,17 @@ Output files (other tools read them):
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..config import GenerationConfig, to_dict
 from ..data.builtin import resolve_prompts
 from ..data.readers import Record
-from ..modeling.generation import generate
 from ..io_utils import atomic_write_json, claim_output_dir
 from ..judges import DEFAULT_JUDGES, get_judge
+from ..modeling.backends import Backend, TransformersBackend
 
 RESERVED = ("model", "prompt", "response", "index")
 
@@ -43,24 +42,19 @@ def load_prompt_file(spec: str, prompt_field: str = "prompt", limit: int | None 
     return records[:limit] if limit else records
 
 
-@contextlib.contextmanager
-def _variant(model: Any, name: str) -> Iterator[Any]:
-    """The base model with the patch switched off, or the patched model as it is."""
-    if name == "base" and hasattr(model, "disable_adapter"):
-        with model.disable_adapter():
-            yield model
-    else:
-        yield model
-
-
 def generate_and_judge(model: Any, tok: Any, records: list[Record], variants: list[str], judges: tuple[str, ...],
                        gen: GenerationConfig) -> list[dict[str, Any]]:
     """Rows of the samples.jsonl contract for each variant ('base' / 'patched') of one loaded model."""
+    return judged_rows(TransformersBackend(model, tok), records, variants, judges, gen)
+
+
+def judged_rows(backend: Backend, records: list[Record], variants: list[str], judges: tuple[str, ...],
+                gen: GenerationConfig) -> list[dict[str, Any]]:
+    """`generate_and_judge` through a backend: its answers for each variant, judged."""
     judge_objs = [get_judge(j) for j in judges]
     rows: list[dict[str, Any]] = []
     for name in variants:
-        with _variant(model, name) as m:
-            gens = generate(m, tok, [r.chat() for r in records], gen, desc=f"generating ({name})")
+        gens = backend.generate([r.chat() for r in records], gen, variant=name, desc=f"generating ({name})")
         for i, (r, g) in enumerate(zip(records, gens)):
             row: dict[str, Any] = {"model": name, "prompt": r.prompt, "response": g.text}
             for j in judge_objs:
@@ -97,18 +91,18 @@ def run_eval(req: EvalRequest, out_dir: str | Path, resume: bool = False,
              model_and_tok: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """Generate, judge and write samples.jsonl + summary.json; returns the summary."""
     from ..data.readers import write_jsonl_atomic
-    from ..modeling.loading import load_model
-    from ..patches.artifact import load_patch
+    from ..modeling import load_model
+    from .backend import transformers_backend
 
     out = claim_output_dir(out_dir, resume=resume, marker="summary.json")
     t0 = time.time()
     records = load_prompt_file(req.prompts, req.prompt_field, req.limit)
     model, tok = model_and_tok or load_model(req.model)
+    backend = transformers_backend(model, tok, patch=req.patch)
     variants = ["base"]
     if req.patch:
-        model = load_patch(model, req.patch)
         variants = (["base"] if req.with_base else []) + ["patched"]
-    rows = generate_and_judge(model, tok, records, variants, tuple(req.judges), req.generation)
+    rows = judged_rows(backend, records, variants, tuple(req.judges), req.generation)
     write_jsonl_atomic(out / "samples.jsonl", rows)
     summary = {
         "model": req.model, "patch": req.patch, "prompts": req.prompts, "n_prompts": len(records),

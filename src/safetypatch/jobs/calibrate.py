@@ -62,49 +62,36 @@ def set_scale(model: Any, factor: float, base_scaling: dict[str, dict[str, float
 
 
 def dev_prompts(cfg: CalibrationConfig) -> tuple[list[Any], list[Any]]:
-    """The harmful and benign dev prompts; DataError when either is empty."""
-    from ..data.builtin import resolve_prompts
-    from ..errors import DataError
+    """The harmful and benign dev prompts (`training.dev_checks.dev_prompts`); DataError when either is empty."""
+    from ..training.dev_checks import dev_prompts as read_dev_prompts
 
-    harmful = resolve_prompts(cfg.dev_harmful, default_split="dev", response_field=None)
-    benign = resolve_prompts(cfg.dev_benign, default_split="dev", response_field=None)
-    for spec, rows in ((cfg.dev_harmful, harmful), (cfg.dev_benign, benign)):
-        if not rows:
-            raise DataError(f"{spec}: no prompts")
-    return harmful, benign
+    return read_dev_prompts(cfg.dev_harmful, cfg.dev_benign)
 
 
 def sweep(model: Any, tok: Any, cfg: CalibrationConfig, progress: bool = True,
           prompts: tuple[list[Any], list[Any]] | None = None) -> list[dict[str, float]]:
     """Refusal rates at each factor for a PeftModel with the patch attached (its scaling is restored after);
     `prompts` = (harmful, benign) records, default `dev_prompts(cfg)`."""
-    import torch
     from peft.tuners.lora import LoraLayer
     from tqdm.auto import tqdm
 
-    from ..training.trainer import refusal_rates
+    from ..training.config import TrainConfig, bf16_autocast, use_bf16
+    from ..training.dev_checks import refusal_rates
 
     harmful, benign = prompts or dev_prompts(cfg)
     base_scaling = {n: dict(m.scaling) for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     device = next(model.parameters()).device.type
-    bf16 = _bf16_ok(device)
+    bf16 = use_bf16(TrainConfig().bf16, device)  # the training recipe's setting ('auto': where bf16 is native)
     curve = []
     try:
         for factor in tqdm(sorted(set(cfg.factors) | {0.0}), desc="calibrating", disable=not progress):
             set_scale(model, factor, base_scaling)
-            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+            with bf16_autocast(device, bf16):
                 rates = refusal_rates(model, tok, harmful, benign, cfg.max_new_tokens, batch_size=cfg.batch_size)
             curve.append({"factor": factor, **{k: round(v, 4) for k, v in rates.items()}})
     finally:
         set_scale(model, 1.0, base_scaling)
     return curve
-
-
-def _bf16_ok(device: str) -> bool:
-    from ..training.config import TrainConfig
-    from ..training.trainer import _use_bf16
-
-    return _use_bf16(TrainConfig(), device)
 
 
 def plot_curve(curve: list[dict[str, float]], chosen: dict[str, Any], budget: float, path: Path) -> None:
@@ -141,9 +128,8 @@ def calibrate(patch_dir: str | Path, model_spec: str = "default", cfg: Calibrati
     scaled by the chosen factor there (only when a factor is within budget). Outputs that exist are refused
     before any generation unless `overwrite`."""
     from ..errors import OutputExistsError
-    from ..modeling.loading import load_model
-    from ..patches.artifact import PATCH_META, load_patch, read_meta, verify_files
-    from ..patches.ops import scale_patch
+    from ..modeling import load_model
+    from ..patches import PATCH_META, load_patch, read_meta, scale_patch, verify_files
 
     cfg = cfg or CalibrationConfig()
     cfg.validate()

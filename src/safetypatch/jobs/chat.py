@@ -1,6 +1,7 @@
 """`safetypatch chat [--patch P]`: type a request, see the base model's and the patched model's answers side by side.
 
-One model is loaded; with a patch attached, the base answer is generated under PEFT's `disable_adapter()`.
+One model is loaded; with a patch attached, the base answer is generated with the patch switched off
+(`modeling.variant(model, "base")`).
 Prompts come from the terminal (an empty line or /quit ends) or, without a TTY, one per line from stdin.
 """
 
@@ -9,9 +10,17 @@ from __future__ import annotations
 import shutil
 import sys
 import textwrap
+from dataclasses import dataclass, field
 from typing import Any, Iterable, TextIO
 
 from ..config import GenerationConfig
+
+
+@dataclass
+class ChatConfig:
+    model: str = field(default="default", metadata={"help": "hub id, local dir, .gguf file, or 'default'"})
+    patch: str | None = field(default=None, metadata={"help": "patch directory"})
+    max_new_tokens: int = field(default=128, metadata={"help": "tokens generated per answer"})
 
 
 def side_by_side(left: str, right: str, width: int, titles: tuple[str, str] = ("base", "patched")) -> str:
@@ -26,13 +35,10 @@ def side_by_side(left: str, right: str, width: int, titles: tuple[str, str] = ("
 
 
 def answer(model: Any, tok: Any, prompt: str, gen: GenerationConfig, base: bool = False) -> str:
-    from contextlib import nullcontext
+    from ..modeling import generate, variant
 
-    from ..modeling.generation import generate
-
-    ctx = model.disable_adapter() if base and hasattr(model, "disable_adapter") else nullcontext()
-    with ctx:
-        return generate(model, tok, [prompt], gen, progress=False)[0].text
+    with variant(model, "base" if base else "patched") as m:
+        return generate(m, tok, [prompt], gen, progress=False)[0].text
 
 
 def chat(model: Any, tok: Any, lines: Iterable[str], out: TextIO, gen: GenerationConfig,
@@ -53,7 +59,8 @@ def chat(model: Any, tok: Any, lines: Iterable[str], out: TextIO, gen: Generatio
     return n
 
 
-def _prompts(stream: TextIO) -> Iterable[str]:
+def read_prompts(stream: TextIO) -> Iterable[str]:
+    """Lines typed at a `you> ` prompt on a terminal, else the stream's lines."""
     if stream.isatty():
         while True:
             try:
@@ -64,27 +71,20 @@ def _prompts(stream: TextIO) -> Iterable[str]:
         yield from stream
 
 
-def run_chat(model_spec: str, patch: str | None, max_new_tokens: int) -> int:
-    from ..modeling.loading import load_model
-    from ..patches.artifact import load_patch, verify_files
+def run_chat(cfg: ChatConfig) -> int:
+    """Load the model (and the patch), then answer prompts from stdin until an empty line or /quit."""
+    from ..modeling import load_model
+    from ..patches import load_patch, verify_files
 
-    if patch:
-        verify_files(patch)  # a missing or damaged patch fails before the model is loaded
-    model, tok = load_model(model_spec)
-    if patch:
-        model = load_patch(model, patch)
+    if cfg.patch:
+        verify_files(cfg.patch)  # a missing or damaged patch fails before the model is loaded
+    model, tok = load_model(cfg.model)
+    if cfg.patch:
+        model = load_patch(model, cfg.patch)
     width = max(30, (shutil.get_terminal_size((140, 20)).columns - 3) // 2)
     if sys.stdin.isatty():
-        print(f"chatting with {model_spec}" + (f" (left: base, right: patched with {patch})" if patch else "")
+        print(f"chatting with {cfg.model}" + (f" (left: base, right: patched with {cfg.patch})" if cfg.patch else "")
               + "; an empty line or /quit ends")
-    chat(model, tok, _prompts(sys.stdin), sys.stdout, GenerationConfig(max_new_tokens=max_new_tokens),
-         patched=bool(patch), width=width)
+    chat(model, tok, read_prompts(sys.stdin), sys.stdout, GenerationConfig(max_new_tokens=cfg.max_new_tokens),
+         patched=bool(cfg.patch), width=width)
     return 0
-
-
-def register(sub: Any) -> None:
-    c = sub.add_parser("chat", help="ask questions; with --patch, see base and patched answers side by side")
-    c.add_argument("--model", default="default", help="hub id, local dir, .gguf file, or 'default'")
-    c.add_argument("--patch", help="patch directory")
-    c.add_argument("--max-new-tokens", type=int, default=128)
-    c.set_defaults(func=lambda a: run_chat(a.model, a.patch, a.max_new_tokens))

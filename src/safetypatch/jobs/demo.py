@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from ..config import GenerationConfig, to_dict
-from ..training.config import TrainConfig
 from ..data.builtin import builtin_split
 from ..evals.refusal import generate_and_judge, summarize
 from ..io_utils import atomic_write_json
 from ..judges import DEFAULT_JUDGES
+from ..tables import render_table
+from ..training.config import TrainConfig
 
 PRIMARY_JUDGE = "refusal_xstest"
 
@@ -38,12 +39,12 @@ def format_table(summary: dict[str, Any]) -> str:
             f"{summary['train_seconds']:.0f} s" if name == "patched" else "-",
         ])
     head = ["model", "harmful refusal", "benign refusal", "ordinary / look-alike", "patch size", "training time"]
-    widths = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in range(len(head))]
-    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    lines = render_table(head, rows).splitlines()
+    width = len(lines[1])  # the dashed rule spans the table; rows keep their padding to it, as the table always had
     n_h, n_b = res["harmful"]["base"]["n"], res["benign"]["base"]["n"]
     return "\n".join([
         f"Built-in test splits: {n_h} harmful, {n_b} benign prompts; refusal by keyword judges (XSTest / GCG).",
-        line(head), line(["-" * w for w in widths]), *(line(r) for r in rows),
+        *(line.ljust(width) for line in lines),
     ])
 
 
@@ -51,8 +52,9 @@ def run_demo(out: str | Path | None = None, cfg: TrainConfig | None = None, eval
              max_new_tokens: int = 48, progress: bool = True) -> dict[str, Any]:
     """Train the default patch and compare base vs patched; writes DIR/patch and DIR/summary.json."""
     from ..data.readers import write_jsonl_atomic
-    from ..modeling.loading import load_model
-    from ..training.trainer import train
+    from ..modeling import load_model
+    from ..patches import record_evaluation
+    from .train import train
 
     cfg = cfg or TrainConfig()
     out = Path(out) if out else default_out_dir()
@@ -78,8 +80,6 @@ def run_demo(out: str | Path | None = None, cfg: TrainConfig | None = None, eval
         "primary_judge": PRIMARY_JUDGE, "eval_max_new_tokens": max_new_tokens,
     }
     atomic_write_json(out / "summary.json", summary)
-    from ..patches.artifact import record_evaluation
-
     for name in ("harmful", "benign"):
         record_evaluation(result.output_dir, {
             "suite": f"builtin:{name}:test", "judges": list(DEFAULT_JUDGES), "n": results[name]["base"]["n"],

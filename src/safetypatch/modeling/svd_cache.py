@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import safetypatch_home
 from ..io_utils import atomic_write_bytes
+from .fingerprints import fingerprint, fingerprint_id
 
 if TYPE_CHECKING:
     import torch
@@ -33,8 +34,6 @@ class SVDCache:
     """Reduced SVDs (U, S, Vh) of a base model's weights, cached on disk per model fingerprint."""
 
     def __init__(self, model: Any, root: str | Path | None = None) -> None:
-        from .loading import fingerprint, fingerprint_id
-
         self.dir = Path(root) if root else safetypatch_home() / "svd" / fingerprint_id(fingerprint(model))
 
     def path(self, name: str) -> Path:

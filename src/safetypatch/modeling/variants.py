@@ -5,7 +5,7 @@ model seen through the same interface.
 leaves the model as it is; a model without an adapter is its own base.
 
 Every base-versus-patched metric in safetypatch (refusal rates, KL(base || patched) on the base's own answers)
-runs on one PEFT model and switches the patch off with `model.disable_adapter()`. A full fine-tune has no adapter:
+runs on one PEFT model and switches the patch off with `variant(model, "base")`. A full fine-tune has no adapter:
 `FinetunedPair` holds both models and routes calls to the fine-tuned one, or to the base inside
 `disable_adapter()`, so the same code measures LoRA patches and full fine-tuning alike (docs/geometry.md).
 """
@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
+from ..errors import ConfigError
+
 VARIANTS = ("base", "patched")
 
 
@@ -22,7 +24,7 @@ VARIANTS = ("base", "patched")
 def variant(model: Any, name: str) -> Iterator[Any]:
     """The base model with the patch switched off (`name` "base"), or the patched model as it is ("patched")."""
     if name not in VARIANTS:
-        raise ValueError(f"unknown variant {name!r}; expected one of {VARIANTS}")
+        raise ConfigError(f"unknown variant {name!r}; expected one of {VARIANTS}")
     if name == "base" and hasattr(model, "disable_adapter"):
         with model.disable_adapter():
             yield model
@@ -35,8 +37,8 @@ class FinetunedPair:
 
     def __init__(self, base: Any, finetuned: Any) -> None:
         if type(base) is not type(finetuned):
-            raise ValueError(f"the fine-tuned model is a {type(finetuned).__name__}, the base a "
-                             f"{type(base).__name__}: give the base the model was fine-tuned from")
+            raise ConfigError(f"the fine-tuned model is a {type(finetuned).__name__}, the base a "
+                              f"{type(base).__name__}: give the base the model was fine-tuned from")
         self.__dict__.update(_base=base, _active=finetuned)
 
     @contextlib.contextmanager

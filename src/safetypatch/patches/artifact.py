@@ -8,23 +8,20 @@ the weights' sha256 and the base model's fingerprint must match, and only safete
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
 from ..config import PatchShape, parse_layers
-from ..io_utils import atomic_write_json, claim_tmp_dir, commit_dir, sha256_file, utc_now
-from ..modeling.loading import fingerprint, fingerprint_differences, fingerprint_like, num_layers
 from ..errors import PatchError
+from ..io_utils import atomic_write_json, sha256_file, staged_dir, utc_now
+from ..modeling import fingerprint, fingerprint_differences, fingerprint_like, num_layers
 
 PATCH_META = "patch.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 FORMAT = "safetypatch/1"
-
-
 
 
 def lora_config(shape: PatchShape, n_layers: int) -> Any:
@@ -56,15 +53,18 @@ def attach_new_patch(model: Any, shape: PatchShape, seed: int = 0) -> Any:
         raise PatchError(f"cannot place a patch on {type(model).__name__}: {e}") from None
 
 
+def weights_record(weights: Path, dtype: str) -> dict[str, Any]:
+    """patch.json's `weights` entry for an adapter's weights file: name, sha256, size in bytes, dtype(s)."""
+    return {"file": ADAPTER_WEIGHTS, "sha256": sha256_file(weights), "bytes": weights.stat().st_size, "dtype": dtype}
+
+
 def save_patch(peft_model: Any, out_dir: str | Path, meta: dict[str, Any], save_dtype: str = "float32",
                overwrite: bool = False) -> dict[str, Any]:
     """Write the adapter and patch.json into a temp dir, fsync, then rename into place (never a half patch)."""
     import torch
     from safetensors.torch import load_file, save_file
 
-    out = Path(out_dir)
-    tmp = claim_tmp_dir(out, overwrite)
-    try:
+    with staged_dir(out_dir, overwrite) as tmp:
         peft_model.save_pretrained(tmp, safe_serialization=True)
         weights = tmp / ADAPTER_WEIGHTS
         if save_dtype != "float32":
@@ -74,24 +74,23 @@ def save_patch(peft_model: Any, out_dir: str | Path, meta: dict[str, Any], save_
         full.setdefault("format", FORMAT)
         full.setdefault("created", utc_now())
         full.setdefault("safetypatch_version", __version__)
-        full["weights"] = {"file": ADAPTER_WEIGHTS, "sha256": sha256_file(weights),
-                           "bytes": weights.stat().st_size, "dtype": save_dtype}
+        full["weights"] = weights_record(weights, save_dtype)
         # a caller that trained on a modified base (red-teaming: earlier patches merged in) names the true base
         full["base_model"] = {"fingerprint": fingerprint(peft_model), **full.get("base_model", {})}
         atomic_write_json(tmp / PATCH_META, full)
-        commit_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return full
 
 
 def read_meta(patch_dir: str | Path) -> dict[str, Any]:
+    """The patch.json of a patch directory; PatchError if the directory, or its patch.json, is missing or damaged."""
     p = Path(patch_dir)
     if not p.is_dir():
         raise PatchError(f"{p}: no such patch directory")
     meta_file = p / PATCH_META
     if not meta_file.exists():
-        raise PatchError(f"{p}: no {PATCH_META}; not a safetypatch patch (plain PEFT adapters load with --allow-unverified)")
+        raise PatchError(f"{p}: no {PATCH_META}, so this is not a safetypatch patch. A plain PEFT adapter loads with "
+                         f"peft itself (PeftModel.from_pretrained(base, '{p}')); safetypatch needs the {PATCH_META} "
+                         "that `safetypatch train` writes beside the adapter (base-model fingerprint, weights sha256)")
     try:
         return json.loads(meta_file.read_text())
     except json.JSONDecodeError as e:
@@ -132,6 +131,7 @@ def verify_files(patch_dir: str | Path, meta: dict[str, Any] | None = None) -> d
 
 
 def check_base(meta: dict[str, Any], model: Any, patch_dir: str | Path = "") -> None:
+    """PatchError listing the differences if `model` is not the base model patch.json's fingerprint names."""
     want = meta.get("base_model", {}).get("fingerprint")
     if not want:
         raise PatchError(f"{patch_dir}: patch.json records no base-model fingerprint")

@@ -16,8 +16,9 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+from ..errors import ModelError, OutputExistsError, PatchError
 from ..io_utils import fsync_dir
-from ..errors import PatchError
+from ..modeling import resolve_model
 from .artifact import verify_files
 from .ops import Delta, layer_of, leaf_of, lora_deltas, peft_key, read_adapter, write_adapter_dir
 
@@ -115,9 +116,6 @@ def gguf_tensor_base(module: str, arch: str) -> str:
 
 def head_counts(spec: str | None) -> tuple[int, int]:
     """(n_head, n_head_kv) of a base model given as a model directory, a .gguf file or a hub id."""
-    from ..errors import ModelError
-    from ..modeling.loading import resolve_model
-
     try:
         if not spec:
             raise ModelError("no base model given")
@@ -175,7 +173,7 @@ def export_gguf(patch_dir: str | Path, out_file: str | Path, arch: str = "llama"
         raise PatchError(f"GGUF export dtype must be float32 or float16, got {dtype!r}")
     out = Path(out_file)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose another output file")
+        raise OutputExistsError(f"{out} already exists; choose another output file")
     _gguf_arch(arch)
     meta = verify_files(patch_dir)
     config, _ = read_adapter(patch_dir)

@@ -1,4 +1,5 @@
-"""Operations on patches: read LoRA deltas, stack patches exactly, scale, merge / unmerge, write merged models.
+"""Exact operations on LoRA adapters: read their deltas, write adapter directories, stack patches, scale a patch.
+(Merging into a base model, and merged model directories, are in `merge.py`.)
 
 A LoRA patch changes each targeted weight by dW = scale * B @ A. Stacking concatenates the parts' ranks, so the
 stacked patch's dW is exactly sum_i w_i dW_i (no SVD, no approximation): A = [A_1; A_2; ...] and
@@ -11,14 +12,15 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from ..io_utils import atomic_write_json, claim_tmp_dir, commit_dir, sha256_file, utc_now
-from ..modeling.loading import fingerprint_differences
-from .artifact import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT, PATCH_META, check_adapter_dir, verify_files
+from .. import __version__
 from ..errors import PatchError
+from ..io_utils import atomic_write_json, staged_dir, utc_now
+from ..modeling import fingerprint_differences
+from .artifact import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT, PATCH_META, check_adapter_dir, verify_files,
+                       weights_record)
 
 if TYPE_CHECKING:
     import torch
@@ -146,24 +148,16 @@ def write_adapter_dir(out_dir: str | Path, config: Mapping[str, Any], tensors: M
     patch.json gets `format`, `created` and `weights` {file, sha256, bytes, dtype} filled in; returns it."""
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    tmp = claim_tmp_dir(out, overwrite)
     full = None
-    try:
+    with staged_dir(out_dir, overwrite) as tmp:
         atomic_write_json(tmp / ADAPTER_CONFIG, dict(config))
         weights = tmp / ADAPTER_WEIGHTS
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(weights), metadata={"format": "pt"})
         if meta is not None:
-            from .. import __version__
-
             dtypes = sorted({str(v.dtype).replace("torch.", "") for v in tensors.values()})
             full = {"format": FORMAT, "created": utc_now(), "safetypatch_version": __version__, **meta}
-            full["weights"] = {"file": ADAPTER_WEIGHTS, "sha256": sha256_file(weights),
-                               "bytes": weights.stat().st_size, "dtype": ",".join(dtypes)}
+            full["weights"] = weights_record(weights, ",".join(dtypes))
             atomic_write_json(tmp / PATCH_META, full)
-        commit_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return full
 
 
@@ -292,177 +286,3 @@ def scale_patch(path: str | Path, factor: float, out_dir: str | Path, overwrite:
     written = write_adapter_dir(out_dir, config, scaled, new_meta, overwrite=overwrite)
     assert written is not None
     return written
-
-
-# ------------------------------------------------------------------------------------------------ merging
-def merge_into(model: Any, patch_dir: str | Path, verify: bool = True) -> Any:
-    """Attach a patch (checked like `load_patch`) and merge it into the base weights; returns the PeftModel.
-
-    `unmerge(peft_model)` restores the base weights (up to float rounding)."""
-    from .artifact import load_patch
-
-    peft_model = load_patch(model, patch_dir, verify=verify)
-    peft_model.merge_adapter()
-    return peft_model
-
-
-def unmerge(peft_model: Any) -> Any:
-    """Undo `merge_into`: subtract the patch from the base weights again; returns the PeftModel (adapter attached)."""
-    peft_model.unmerge_adapter()
-    return peft_model
-
-
-# ------------------------------------------------------------------------------------------ merged model dirs
-RESTORE_DIR = "safetypatch_unmerge"  # a sub-directory: serving tools that glob *.safetensors never see it
-RESTORE_FILE = "corrections.safetensors"
-
-
-def _delta64(a: "torch.Tensor", b: "torch.Tensor", scale: float) -> "torch.Tensor":
-    """dW in float64, computed the same way at merge and unmerge time."""
-    import torch
-
-    return (b.to(torch.float64) @ a.to(torch.float64)) * scale
-
-
-def _bits(t: "torch.Tensor") -> "torch.Tensor":
-    """The tensor's raw bits as integers (so -0.0 != 0.0 and NaN == NaN, as a fingerprint sees them)."""
-    import torch
-
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
-def _patched_weights(model: Any, patch_dir: str | Path, where: str) -> list[tuple[str, Any, "torch.Tensor"]]:
-    """[(module name, module, dW float64)] for every module the patch changes; PatchError if one does not fit."""
-    modules = dict(model.named_modules())
-    out = []
-    for name, (a, b, s) in lora_deltas(patch_dir).items():
-        mod = modules.get(name)
-        shape = (b.shape[0], a.shape[1])
-        if mod is None or getattr(mod, "weight", None) is None or tuple(mod.weight.shape) != shape:
-            raise PatchError(f"{where}: has no weight {name} of shape {shape} for this patch")
-        out.append((name, mod, _delta64(a, b, s)))
-    return out
-
-
-def apply_patch(model_spec: str, patch_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write a merged model directory (safetensors + tokenizer + merged_from.json) atomically; returns its path.
-
-    Each targeted weight becomes W + dW (dW in float64, rounded once to the weight's dtype). Rounding makes
-    W + dW - dW differ from W in the last bit for some elements (wherever W + dW needs a coarser float grid
-    than W, the lost bit cannot be recovered from the merged weight alone), so the original bits of exactly
-    those elements are kept in `safetypatch_unmerge/corrections.safetensors` (index, value pairs). With it,
-    `unmerge_patch` restores the base bit for bit, so its fingerprint matches again."""
-    import torch
-
-    from .. import __version__
-    from ..modeling.loading import fingerprint, load_model
-    from .artifact import check_base
-
-    out = Path(out_dir)
-    meta = verify_files(patch_dir)
-    tmp = claim_tmp_dir(out, overwrite)
-    try:
-        model, tok = load_model(model_spec)
-        check_base(meta, model, patch_dir)
-        base_fp = fingerprint(model)
-        corrections: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            for name, mod, dw in _patched_weights(model, patch_dir, str(model_spec)):
-                w = mod.weight.data
-                merged = (w.to(torch.float64) + dw).to(w.dtype)
-                restored = (merged.to(torch.float64) - dw).to(w.dtype)
-                lost = (_bits(restored) != _bits(w)).reshape(-1).nonzero().squeeze(1)
-                if lost.numel():
-                    corrections[f"{name}.weight.index"] = lost.to(torch.int64)
-                    corrections[f"{name}.weight.value"] = w.reshape(-1)[lost].clone()
-                w.copy_(merged)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        from safetensors.torch import save_file
-
-        (tmp / RESTORE_DIR).mkdir()
-        save_file(corrections, str(tmp / RESTORE_DIR / RESTORE_FILE), metadata={"format": "pt"})
-        n_fixed = sum(v.numel() for k, v in corrections.items() if k.endswith(".index"))
-        atomic_write_json(tmp / "merged_from.json", {
-            "created": utc_now(), "safetypatch_version": __version__,
-            "base_model": {"spec": model_spec, "fingerprint": base_fp},
-            "patch": {"path": str(patch_dir), "sha256": meta["weights"]["sha256"], "shape": meta.get("shape")},
-            "unmerge_corrections": {"file": f"{RESTORE_DIR}/{RESTORE_FILE}", "elements": n_fixed,
-                                    "sha256": sha256_file(tmp / RESTORE_DIR / RESTORE_FILE)},
-        })
-        commit_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def _read_corrections(merged_dir: Path, rec: Mapping[str, Any]) -> tuple[dict[str, "torch.Tensor"], bool]:
-    """(the merge's correction tensors, whether the unmerge can be exact): checked against merged_from.json."""
-    from safetensors.torch import load_file
-
-    info = rec.get("unmerge_corrections") or {}
-    path = merged_dir / str(info.get("file", f"{RESTORE_DIR}/{RESTORE_FILE}"))
-    if not info or not path.exists():
-        return {}, False
-    if sha256_file(path) != info.get("sha256"):
-        raise PatchError(f"{path}: sha256 does not match merged_from.json (edited or damaged)")
-    try:
-        return load_file(str(path)), True
-    except Exception as e:  # safetensors raises its own error types
-        raise PatchError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-def unmerge_patch(merged_spec: str, patch_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Subtract a patch's exact update dW (from its factors) from a merged model and write the restored base model.
-
-    Refuses a model that `merged_from.json` says was merged with another patch. For a model merged by
-    `apply_patch`, its correction file makes the restored weights equal the base's bit for bit (same fingerprint);
-    for a model merged elsewhere the weights are back up to float rounding. `unmerged_from.json` records which,
-    and whether the restored fingerprint matches the base fingerprint named in the patch."""
-    import torch
-
-    from .. import __version__
-    from ..modeling.loading import fingerprint, fingerprint_like, load_model
-
-    meta = verify_files(patch_dir)
-    merged_dir = Path(merged_spec)
-    rec: dict[str, Any] = {}
-    if (merged_dir / "merged_from.json").exists():
-        try:
-            rec = json.loads((merged_dir / "merged_from.json").read_text())
-        except json.JSONDecodeError as e:
-            raise PatchError(f"{merged_dir / 'merged_from.json'}: damaged ({e.msg} at line {e.lineno})") from None
-        if rec.get("patch", {}).get("sha256") != meta["weights"]["sha256"]:
-            raise PatchError(f"{merged_spec}: merged_from.json says it was merged with patch "
-                             f"{str(rec.get('patch', {}).get('sha256'))[:16]}..., not {patch_dir} "
-                             f"({meta['weights']['sha256'][:16]}...)")
-    corrections, exact = _read_corrections(merged_dir, rec)
-    out = Path(out_dir)
-    tmp = claim_tmp_dir(out, overwrite)
-    try:
-        model, tok = load_model(merged_spec)
-        largest = 0.0
-        with torch.no_grad():
-            for name, mod, dw in _patched_weights(model, patch_dir, str(merged_spec)):
-                w = mod.weight.data
-                restored = (w.to(torch.float64) - dw).to(w.dtype)
-                index = corrections.get(f"{name}.weight.index")
-                if index is not None:
-                    restored.view(-1)[index] = corrections[f"{name}.weight.value"].to(w.dtype)
-                w.copy_(restored)
-                largest = max(largest, float(dw.abs().max()))
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        want_fp = meta.get("base_model", {}).get("fingerprint")
-        restored_fp = fingerprint_like(model, want_fp) if want_fp else fingerprint(model)
-        atomic_write_json(tmp / "unmerged_from.json", {
-            "created": utc_now(), "safetypatch_version": __version__, "merged_model": str(merged_spec),
-            "patch": {"path": str(patch_dir), "sha256": meta["weights"]["sha256"]},
-            "largest_change": largest, "exact": exact,
-            "base_fingerprint_in_patch": want_fp, "restored_fingerprint": restored_fp,
-            "fingerprint_matches_patch_base": bool(want_fp) and not fingerprint_differences(want_fp, restored_fp),
-        })
-        commit_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out

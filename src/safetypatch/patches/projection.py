@@ -14,13 +14,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError, PatchError
+from ..modeling import SVDCache, load_model
+from .artifact import check_base, verify_files
+from .ops import lora_deltas, peft_key, read_adapter, write_adapter_dir
+
 SIDES = ("column", "row", "both")
 
 
 def project_update(dw: "Any", u_k: "Any", v_k: "Any", side: str) -> "Any":
     """dW with its top-k column and/or row subspace removed (float64 in, float64 out)."""
     if side not in SIDES:
-        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+        raise ConfigError(f"side must be one of {SIDES}, got {side!r}")
     out = dw
     if side in ("column", "both"):
         out = out - u_k @ (u_k.T @ out)
@@ -45,14 +50,7 @@ def project_patch(patch_dir: str | Path, model: Any, k: int, out_dir: str | Path
     """Write the projected patch to `out_dir`; `model` is the base model (or a spec to load). Returns patch.json."""
     import torch
 
-    from ..modeling.svd_cache import SVDCache
-    from ..modeling.loading import load_model
-    from .artifact import check_base, verify_files
-    from .ops import lora_deltas, read_adapter, write_adapter_dir, PEFT_PREFIX
-
     if side not in SIDES:
-        from ..errors import ConfigError
-
         raise ConfigError(f"--side must be one of {SIDES}, got {side!r}")
     meta = verify_files(patch_dir)
     if isinstance(model, str):
@@ -68,7 +66,7 @@ def project_patch(patch_dir: str | Path, model: Any, k: int, out_dir: str | Path
     for module, (a, b, scale) in lora_deltas((config, tensors)).items():
         w0 = weights.get(f"{module}.weight")
         if w0 is None:
-            raise ValueError(f"{patch_dir}: the base model has no weight {module}.weight")
+            raise PatchError(f"{patch_dir}: the base model has no weight {module}.weight")
         u, _, vh = cache.get(module, w0.detach().float())
         dw = scale * (b.double() @ a.double())
         kk = min(k, u.shape[1])
@@ -76,31 +74,11 @@ def project_patch(patch_dir: str | Path, model: Any, k: int, out_dir: str | Path
         total += float(dw.pow(2).sum())
         kept_num += float(proj.pow(2).sum())
         new_a, new_b = refactor(proj, a.shape[0], scale)
-        new_tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = new_a.to(store).contiguous()
-        new_tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = new_b.to(store).contiguous()
+        new_tensors[peft_key(module, "A")] = new_a.to(store).contiguous()
+        new_tensors[peft_key(module, "B")] = new_b.to(store).contiguous()
     new_meta = {key: meta[key] for key in ("base_model", "shape", "recipe") if key in meta}
     new_meta["derived_from"] = {"path": str(patch_dir), "sha256": meta["weights"]["sha256"], "operation": "project",
                                 "k": k, "side": side, "retained_energy": kept_num / total if total else 0.0}
     written = write_adapter_dir(out_dir, config, new_tensors, new_meta, overwrite=overwrite)
     assert written is not None
     return written
-
-
-def cmd_project(args: Any) -> int:
-    meta = project_patch(args.patch, args.model, args.k, args.out, side=args.side, overwrite=args.overwrite)
-    d = meta["derived_from"]
-    print(f"projected {args.patch} off the top-{d['k']} {d['side']} subspace(s) -> {args.out}: "
-          f"kept {d['retained_energy']:.1%} of the update's energy")
-    return 0
-
-
-def register(patch_subparsers: Any) -> None:
-    p = patch_subparsers.add_parser("project", help="remove the part of a patch inside the base weights' top-k "
-                                                     "singular subspace (orthogonal projection, refactored to rank r)")
-    p.add_argument("patch")
-    p.add_argument("--model", default="default", help="base model: hub id, local dir, .gguf file, or 'default'")
-    p.add_argument("--k", type=int, default=16, help="size of the protected top-k subspace")
-    p.add_argument("--side", choices=SIDES, default="both")
-    p.add_argument("-o", "--out", required=True, help="output patch directory")
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_project)

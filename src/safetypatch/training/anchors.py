@@ -11,14 +11,15 @@ from typing import Any
 
 from ..config import GenerationConfig, safetypatch_home
 from ..data.readers import Record
-from ..modeling.generation import generate
 from ..io_utils import atomic_write_text, sha256_text
-from ..modeling.loading import fingerprint, fingerprint_id
+from ..modeling import fingerprint, fingerprint_id, generate, variant
 
 
 def base_answers(model: Any, tok: Any, records: list[Record], max_tokens: int, batch_size: int = 64,
                  cache: bool = True) -> list[tuple[list[int], bool]]:
-    """(answer token ids, finished) of the base model for each record, from cache when possible."""
+    """(answer token ids, finished) of the base model for each record, from cache when possible. A PEFT model
+    answers with its adapter switched off (and is fingerprinted by its base weights), so a patched model may be
+    passed."""
     key = sha256_text(fingerprint_id(fingerprint(model)), str(max_tokens),
                       *(json.dumps(r.chat(), sort_keys=True) for r in records))[:24]
     path = safetypatch_home() / "anchors" / f"{key}.jsonl"
@@ -26,8 +27,10 @@ def base_answers(model: Any, tok: Any, records: list[Record], max_tokens: int, b
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if len(rows) == len(records):
             return [(r["ids"], r["finished"]) for r in rows]
-    gens = generate(model, tok, [r.chat() for r in records],
-                    GenerationConfig(max_new_tokens=max_tokens, batch_size=batch_size), desc="base answers (anchors)")
+    with variant(model, "base") as base:
+        gens = generate(base, tok, [r.chat() for r in records],
+                        GenerationConfig(max_new_tokens=max_tokens, batch_size=batch_size),
+                        desc="base answers (anchors)")
     if cache:
         atomic_write_text(path, "".join(json.dumps({"prompt": r.prompt, "ids": g.token_ids, "finished": g.finished,
                                                     "text": g.text}) + "\n" for r, g in zip(records, gens)))

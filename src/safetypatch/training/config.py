@@ -7,6 +7,7 @@ maps 1:1 onto them and flags given on the command line override it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from ..config import PatchShape
 from ..data.builtin import DEV_BENIGN, DEV_HARMFUL
@@ -123,3 +124,22 @@ class TrainConfig(PatchShape):
 
     def shape(self) -> PatchShape:
         return PatchShape(**{f.name: getattr(self, f.name) for f in fields(PatchShape)})
+
+
+def use_bf16(setting: str, device: str) -> bool:
+    """Whether to train / generate under bf16 autocast: `setting` 'yes' / 'no', or 'auto' = where `device` runs
+    bf16 natively (CUDA with bf16; CPUs with AVX512-BF16 / AMX, where autocast matmuls run ~2x faster)."""
+    if setting == "yes":
+        return True
+    if setting == "no":
+        return False
+    from ..modeling import bf16_supported
+
+    return bf16_supported(device)
+
+
+def bf16_autocast(device: str, enabled: bool) -> Any:
+    """torch's bf16 autocast context for `device` ('cuda:1' -> 'cuda'), a no-op when not `enabled`."""
+    import torch
+
+    return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=enabled)

@@ -14,9 +14,11 @@ from typing import Any
 
 from ..data.chat import prompt_ids
 from ..data.readers import Record
+from ..modeling import variant
 
 
-def _lora_modules(model: Any) -> dict[str, Any]:
+def lora_modules(model: Any) -> dict[str, Any]:
+    """The LoRA layers of a PeftModel by module name."""
     from peft.tuners.lora import LoraLayer
 
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
@@ -58,8 +60,7 @@ def mean_inputs(model: Any, tok: Any, records: list[Record], modules: dict[str, 
             for row, e in enumerate(chunk):
                 ids[row, width - len(e):] = torch.tensor(e)
                 attn[row, width - len(e):] = 1
-            ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else torch.no_grad()
-            with torch.no_grad(), ctx:
+            with torch.no_grad(), variant(model, "base"):
                 model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False)
             count += len(chunk) * min(tail, width)
     finally:
@@ -86,7 +87,7 @@ def contrast_init(model: Any, tok: Any, harmful: list[Record], benign: list[Reco
     """
     import torch
 
-    modules = _lora_modules(model)
+    modules = lora_modules(model)
     rank = next(iter(modules.values())).lora_A[adapter].weight.shape[0] if modules else 1
     groups = harmful_groups(harmful, rank)
     stats_hs = [mean_inputs(model, tok, g, modules, tail, second_moment=True) for g in groups]

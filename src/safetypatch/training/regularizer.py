@@ -5,13 +5,15 @@ With W0 = U S V^T, top-k factors U_k, S_k, V_k, and dW = scale * B A:
     column: || S_k U_k^T dW ||_F^2        row: || dW V_k S_k ||_F^2        both: their sum
 "uniform" replaces S_k by the identity (every top-k direction counts the same); "normalized" uses S_k / s_1, so
 the penalty is at most ||dW||_F^2 whatever the scale of W0 and beta means the same on every layer. The bases are
-computed once before training (float64 SVD, cached per base model by geometry.SVDCache); each step costs only
+computed once before training (float64 SVD, cached per base model by modeling.SVDCache); each step costs only
 small (k x r) products: || (S_k U_k^T B) A ||_F^2, never the full dW.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from ..errors import ConfigError
 
 SIDES = ("column", "row", "both")
 VARIANTS = ("uniform", "normalized")
@@ -25,12 +27,12 @@ class OverlapPenalty:
         import torch
         from peft.tuners.lora import LoraLayer
 
-        from ..modeling.svd_cache import SVDCache
+        from ..modeling import SVDCache, unwrap_lm
 
         if side not in SIDES or variant not in VARIANTS:
-            raise ValueError(f"overlap side must be one of {SIDES} and variant one of {VARIANTS}")
+            raise ConfigError(f"overlap side must be one of {SIDES} and variant one of {VARIANTS}")
         self.side, self.adapter = side, adapter
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = unwrap_lm(model)
         cache = SVDCache(base)
         self.terms: list[tuple[Any, Any, Any]] = []  # (module, U_k^T weighted (k x out), V_k weighted (in x k))
         for name, mod in model.named_modules():

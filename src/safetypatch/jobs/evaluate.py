@@ -1,0 +1,152 @@
+"""The `safetypatch eval` job: a prompt file (`--prompts`) or a suite (`--suite`) on base and / or patched.
+
+`evaluate(cfg)` runs the evaluation, records the certificate entry in the patch's patch.json when a patch was
+evaluated, and returns the text the command prints (the CLI prints it; nothing is printed here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..config import GenerationConfig
+from ..errors import ConfigError
+
+
+@dataclass
+class EvalConfig:
+    model: str = field(default="default", metadata={"help": "hub id, local dir, .gguf file, or 'default'"})
+    patch: str | None = field(default=None, metadata={"help": "patch directory to evaluate"})
+    with_base: bool = field(default=False, metadata={"help": "also evaluate the base model (with --patch)"})
+    finetuned: str | None = field(default=None, metadata={
+        "help": "with --suite: a fully fine-tuned model directory, evaluated against --model as its base (its rows "
+                "are labelled 'patched')"})
+    prompts: str | None = field(default=None, metadata={
+        "help": "JSONL with a 'prompt' field, CSV with a 'prompt' column, or builtin:<harmful|benign>:<split> "
+                "(default builtin:harmful:test)"})
+    prompt_field: str = field(default="prompt", metadata={"help": "field / column holding the prompt"})
+    out: str = field(default="", metadata={
+        "help": "output directory for samples.jsonl and summary.json", "required": True})
+    judges: str = field(default="refusal_xstest,refusal_gcg", metadata={"help": "comma-separated judge names"})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "default 64 (a suite: its own setting)"})
+    batch_size: int | None = field(default=None, metadata={"help": "default 16 (a suite: its own setting)"})
+    limit: int | None = field(default=None, metadata={
+        "help": "evaluate only the first N prompts (a suite: at most N per entry)"})
+    suite: str | None = field(default=None, metadata={
+        "help": "evaluation suite: a shipped name (quick, paper) or a YAML file; with --patch, base and patched "
+                "are both evaluated"})
+    data_root: str | None = field(default=None, metadata={
+        "help": "directory of public benchmark files, laid out like ../shared/data (default $SAFETYPATCH_DATA)",
+        "flags": ("--data-root", "--shared")})
+    db: str | None = field(default=None, metadata={"help": "results database (default $SAFETYPATCH_HOME/results.db)"})
+    no_db: bool = field(default=False, metadata={"help": "do not record the suite run in the results database"})
+    judge_model: list[str] = field(default_factory=list, metadata={
+        "help": "model for a model-based judge (repeatable); without JUDGE= it serves every model judge",
+        "action": "append", "metavar": "[JUDGE=]MODEL"})
+    name: str | None = field(default=None, metadata={
+        "help": "run name in the results database (default: the --out directory's name)"})
+    device: str | None = field(default=None, metadata={
+        "help": "suite runs: device for the model and judge models, e.g. cuda (default CPU)"})
+    resume: bool = field(default=False, metadata={"help": "allow writing into an existing output directory"})
+
+
+def judge_models(values: Sequence[str] | None) -> dict[str, str]:
+    """`--judge-model` values as {judge name or '*': model spec}."""
+    out: dict[str, str] = {}
+    for v in values or []:
+        name, sep, spec = v.partition("=")
+        if sep and name and spec and "/" not in name:
+            out[name.strip()] = spec.strip()
+        else:
+            out["*"] = v.strip()
+    return out
+
+
+def evaluate(cfg: EvalConfig) -> str:
+    """Run `safetypatch eval` and return the text it prints."""
+    if cfg.suite:
+        if cfg.prompts:
+            raise ConfigError("give either --suite or --prompts, not both")
+        return _evaluate_suite(cfg)
+    if cfg.finetuned:
+        raise ConfigError("--finetuned works with --suite (e.g. --suite quick)")
+    return _evaluate_prompts(cfg)
+
+
+def _evaluate_suite(cfg: EvalConfig) -> str:
+    from ..evals.suite import SuiteRunConfig, format_table
+    from .suite import run_suite
+
+    run_cfg = SuiteRunConfig(suite=cfg.suite or "", model=cfg.model, patch=cfg.patch, finetuned=cfg.finetuned,
+                             data_root=cfg.data_root, db=cfg.db, record=not cfg.no_db,
+                             judge_models=judge_models(cfg.judge_model), limit=cfg.limit,
+                             max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, name=cfg.name,
+                             device=cfg.device)
+    summary = run_suite(run_cfg, cfg.out, resume=cfg.resume)
+    if cfg.patch:
+        _certify_suite(cfg, summary)
+        who, mode = f"{cfg.model} + patch {cfg.patch}", "base vs patched"
+    elif cfg.finetuned:
+        who, mode = f"{cfg.model} vs fine-tuned {cfg.finetuned}", "base vs fine-tuned ('patched' rows)"
+    else:
+        who, mode = cfg.model, "base only"
+    lines = [f"suite {summary['suite']} on {who}: {mode}",
+             format_table(summary["metrics"], kinds=summary["entries"])]
+    lines += [f"note: {n}" for n in summary["notes"]]
+    lines.append(f"rows: {Path(cfg.out) / 'samples.jsonl'}  summary: {Path(cfg.out) / 'summary.json'}  "
+                 f"({summary['seconds']:.0f} s)")
+    if summary["run_id"] is not None:
+        lines.append(f"recorded as run {summary['run_id']} in {summary['db']}")
+    return "\n".join(lines) + "\n"
+
+
+def _certify_suite(cfg: EvalConfig, summary: dict[str, Any]) -> None:
+    """The certificate: the first judge's plain refusal rate per benchmark, recorded in patch.json."""
+    from ..patches import record_evaluation
+
+    rates: dict[str, dict[str, float]] = {}
+    for v in ("base", "patched"):
+        for b, by_attack in summary["results"].get(v, {}).items():
+            judges = summary["entries"].get(b, {}).get("judges") or []
+            value = by_attack.get("none", {}).get(judges[0], {}).get("refusal_rate") if judges else None
+            if value is not None:
+                rates.setdefault(v, {})[b] = value
+    record_evaluation(cfg.patch, {"suite": f"suite:{summary['suite']}", "run_id": summary["run_id"],
+                                  "db": summary["db"], "out": str(cfg.out), "refusal": rates})
+
+
+def _evaluate_prompts(cfg: EvalConfig) -> str:
+    from ..evals.refusal import EvalRequest, run_eval
+
+    prompts = cfg.prompts or "builtin:harmful:test"
+    max_new_tokens = cfg.max_new_tokens or 64
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=cfg.batch_size or 16)
+    judges = tuple(j.strip() for j in cfg.judges.split(",") if j.strip())
+    req = EvalRequest(model=cfg.model, patch=cfg.patch, with_base=cfg.with_base, prompts=prompts,
+                      prompt_field=cfg.prompt_field, judges=judges, generation=gen, limit=cfg.limit)
+    summary = run_eval(req, cfg.out, resume=cfg.resume)
+    res = summary["results"]
+    if cfg.patch:
+        from ..patches import record_evaluation
+
+        record_evaluation(cfg.patch, {
+            "suite": f"prompts:{prompts}", "judges": list(judges), "n": summary["n_prompts"],
+            "max_new_tokens": max_new_tokens, "out": str(cfg.out),
+            "refusal": {n: {j: res[n][j] for j in judges} for n in ("base", "patched") if n in res}})
+    return _refusal_table(summary, prompts, judges, cfg.out)
+
+
+def _refusal_table(summary: dict[str, Any], prompts: str, judges: tuple[str, ...], out: str) -> str:
+    res = summary["results"]
+    names = [n for n in ("base", "patched") if n in res]
+    lines = [f"{summary['n_prompts']} prompts from {prompts}; refusal rate by judge:",
+             "judge".ljust(18) + "".join(n.rjust(10) for n in names)
+             + ("  difference" if "difference" in res else "")]
+    for j in judges:
+        line = j.ljust(18) + "".join(f"{res[n][j]:>10.1%}" for n in names)
+        if "difference" in res:
+            line += f"  {res['difference'][j]:+.1%}"
+        lines.append(line)
+    lines.append(f"rows: {Path(out) / 'samples.jsonl'}  summary: {Path(out) / 'summary.json'}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,330 @@
+"""`safetypatch train`: refusal-SFT into a LoRA patch (or the full fine-tuning / data-mixing baselines), as one job:
+setup, loop, save.
+
+Objective (training/loss.py): cross-entropy on refusal responses to harmful prompts, plus a benign-anchor term that
+keeps the base model's own answers to benign prompts (self-distillation CE, or KL(base || patched) on the same
+tokens), plus optional mixed general data. Early stopping picks the dev check that refuses most harmful dev prompts
+without refusing benign dev prompts more often than the base model (training/dev_checks.py).
+
+The loop is written by hand rather than with transformers.Trainer / TRL because its speed paths (logits on
+response tokens only, length-grouped batches, bf16 autocast on CPU, the frozen-prefix cache; training/speed.py)
+and the generation-based early stopping are not available there; checkpoints make it resumable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from ..config import parse_layers, to_dict
+from ..data.chat import Encoded
+from ..data.readers import Record
+from ..errors import ConfigError, OutputExistsError
+from ..io_utils import atomic_write_json, claim_output_dir, staged_dir
+from ..modeling import fingerprint, load_model, num_layers
+from ..training.checkpoint import (check_resume_recipe, has_checkpoint, last_logged_loss, load_checkpoint,
+                                   load_trainable, save_checkpoint, trainable_state)
+from ..training.config import TrainConfig, bf16_autocast, use_bf16
+from ..training.dev_checks import dev_prompts, dev_score, refusal_rates
+from ..training.examples import batches, build_examples
+from ..training.lora_init import contrast_init
+from ..training.regularizer import OverlapPenalty
+from ..training.speed import SpeedPaths
+from ..training.step import prepare_model, train_step
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    output_dir: Path  # the patch directory (LoRA) or the fine-tuned model directory (full)
+    stats: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    model: Any = None  # the trained model (a PeftModel for LoRA), ready for evaluation
+
+
+@dataclass
+class Job:
+    """What the loop trains with, built once by `setup`."""
+    cfg: TrainConfig
+    run: Path
+    device: str
+    model: Any
+    tok: Any
+    examples: list[Encoded]
+    data_meta: dict[str, Any]
+    params: list[Any]
+    optimizer: Any
+    scheduler: Any
+    overlap: OverlapPenalty | None
+    steps_per_epoch: int
+    total_steps: int
+    use_bf16: bool
+    dev: tuple[list[Record], list[Record]]
+
+    @property
+    def pad_id(self) -> int:
+        return self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+
+
+@dataclass
+class Progress:
+    """The loop's state: what a checkpoint saves and a resume restores (plus the last step's loss)."""
+    step: int = 0
+    tokens: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None  # the best dev check so far, with the trained tensors under "state"
+    base_benign: float | None = None  # the base model's benign dev refusal: the reference for over-refusal
+    last_loss: float | None = None
+
+    def checkpoint(self, seed: int) -> dict[str, Any]:
+        return {"step": self.step, "tokens": self.tokens, "history": self.history, "base_benign": self.base_benign,
+                "seed": seed}
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, device: str | None = None,
+          progress: bool = True, model_and_tok: tuple[Any, Any] | None = None,
+          base_model_meta: dict[str, Any] | None = None) -> TrainResult:
+    """Train a patch (or a fully fine-tuned model) into `run_dir`; see the module docstring for the objective.
+
+    `base_model_meta` (spec, fingerprint, ...) replaces what patch.json records as the base model, for a patch
+    trained on top of others merged into the weights (red-teaming rounds): it still applies to the true base."""
+    import torch
+
+    cfg.validate()
+    run = claim_run(cfg, run_dir, resume)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    t0 = time.time()
+    job = setup(cfg, run, device, resume, model_and_tok)
+    state = restore(job, resume)
+    speed, train_seconds = loop(job, state, progress)
+    if state.best is not None:
+        load_trainable(job.model, state.best["state"])
+    stats = training_stats(job, state, speed, train_seconds, time.time() - t0)
+    out = save(job, stats, base_model_meta)
+    return TrainResult(run_dir=run, output_dir=out, stats=stats, history=state.history, model=job.model)
+
+
+# ------------------------------------------------------------------------------------------------- setup
+def claim_run(cfg: TrainConfig, run_dir: str | Path, resume: bool) -> Path:
+    """The run directory: new, or an unfinished one with `resume`."""
+    run = claim_output_dir(run_dir, resume=resume, marker="train_config.json")
+    out = run / ("patch" if cfg.method == "lora" else "model")
+    if out.exists():
+        raise OutputExistsError(f"{out} already exists: this run finished; choose a new --out")
+    return run
+
+
+def setup(cfg: TrainConfig, run: Path, device: str, resume: bool, model_and_tok: tuple[Any, Any] | None) -> Job:
+    """Model, data, trainable parameters (with their initialisation), optimizer, schedule and dev prompts."""
+    import torch
+    from transformers import get_scheduler
+
+    model, tok = model_and_tok or load_model(cfg.model)
+    model.to(device)
+    examples, data_meta, sources = build_examples(cfg, model, tok)
+    if (run / "train_config.json").exists() and resume:
+        check_resume_recipe(run, cfg)
+    atomic_write_json(run / "train_config.json", to_dict(cfg))
+    model = prepare_model(cfg, model)
+    init_patch(cfg, model, tok, sources, data_meta, fresh=not has_checkpoint(run))
+    overlap = overlap_penalty(cfg, model)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(math.ceil(len(examples) / cfg.batch_size) / cfg.grad_accum)
+    total_steps = max(1, math.ceil(steps_per_epoch * cfg.epochs))
+    scheduler = get_scheduler(cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup", optimizer,
+                              num_warmup_steps=int(cfg.warmup_ratio * total_steps), num_training_steps=total_steps)
+    return Job(cfg=cfg, run=run, device=device, model=model, tok=tok, examples=examples, data_meta=data_meta,
+               params=params, optimizer=optimizer, scheduler=scheduler, overlap=overlap,
+               steps_per_epoch=steps_per_epoch, total_steps=total_steps, use_bf16=use_bf16(cfg.bf16, device),
+               dev=dev_prompts(cfg.dev_harmful, cfg.dev_benign, cfg.dev_size, cfg.prompt_field))
+
+
+def init_patch(cfg: TrainConfig, model: Any, tok: Any, sources: dict[str, list[Record]], data_meta: dict[str, Any],
+               fresh: bool) -> None:
+    """LoRA A: the contrast / LDA initialisation (on a fresh run; a checkpoint holds A), then frozen if asked."""
+    if cfg.method != "lora":
+        return
+    if cfg.init in ("contrast", "lda") and fresh:
+        if not sources["anchor"]:
+            raise ConfigError(f"init '{cfg.init}' needs benign prompts: set --benign")
+        sep = contrast_init(model, tok, sources["refusal"], sources["anchor"], lda=cfg.init == "lda")
+        data_meta["init"] = {"method": cfg.init, "fisher_separation": sep}
+    if cfg.freeze_a:
+        for n, p in model.named_parameters():
+            if "lora_A" in n:
+                p.requires_grad_(False)
+
+
+def overlap_penalty(cfg: TrainConfig, model: Any) -> OverlapPenalty | None:
+    """The overlap regularizer when `overlap_beta` > 0 (with a warning where it fights the patch itself)."""
+    if not cfg.overlap_beta > 0:
+        return None
+    overlap = OverlapPenalty(model, cfg.overlap_k, cfg.overlap_side, cfg.overlap_variant)
+    if cfg.method == "lora" and cfg.freeze_a and cfg.overlap_side in ("row", "both"):
+        # measured on the embedded model (docs/geometry.md): side 'both', beta 1, frozen LDA A -> no refusal learnt
+        print(f"warning: overlap_side={cfg.overlap_side} with a frozen A: dW V_k = B (A V_k) can only shrink "
+              "by shrinking B, so the row penalty fights the patch itself; use --overlap-side column or "
+              "--freeze-a false", file=sys.stderr)
+    return overlap
+
+
+def restore(job: Job, resume: bool) -> Progress:
+    """A fresh loop state, or, resuming a checkpointed run, its weights, optimizer, schedule, RNG and state."""
+    state = Progress()
+    if resume and has_checkpoint(job.run):
+        meta, state.best = load_checkpoint(job.run, job.model, job.optimizer, job.scheduler)
+        state.step, state.tokens, state.history = meta["step"], meta["tokens"], meta["history"]
+        state.base_benign = meta["base_benign"]
+        state.last_loss = last_logged_loss(job.run, state.step)  # a run checkpointed at its end runs no step
+    return state
+
+
+# ------------------------------------------------------------------------------------------------- loop
+def loop(job: Job, state: Progress, progress: bool) -> tuple[SpeedPaths, float]:
+    """Train to the end (or an early stop) under the speed paths; returns them (for their description) and the
+    training seconds, which include their set-up (the prefix cache)."""
+    from tqdm.auto import tqdm
+
+    t_train = time.time()
+    speed = SpeedPaths(job.model, job.cfg, job.examples, job.device, job.use_bf16, job.pad_id)
+    bar = tqdm(total=job.total_steps, initial=state.step, desc=f"train ({job.cfg.method})", disable=not progress)
+    with open(job.run / "train_log.jsonl", "a", encoding="utf-8") as log_f, bar, speed:
+        Loop(job, state, speed, bar, log_f, t_train).run()  # leaving `speed`: fp32 weights, the model's kernel back
+    return speed, time.time() - t_train
+
+
+class Loop:
+    """Optimizer steps over shuffled epochs, with a dev check (logged, checkpointed, early stopping) every
+    `eval_every` steps and at the end; a resumed run continues at the batch where its checkpoint was taken."""
+
+    def __init__(self, job: Job, state: Progress, speed: SpeedPaths, bar: Any, log_f: IO[str], t_train: float):
+        self.job, self.state, self.speed, self.bar, self.log_f, self.t_train = job, state, speed, bar, log_f, t_train
+        self.eval_every = job.cfg.eval_every or job.steps_per_epoch
+
+    def run(self) -> None:
+        job, cfg, state = self.job, self.job.cfg, self.state
+        if state.step == 0 and cfg.method == "lora":
+            self.dev_check()  # the base model's dev refusal rates: the reference for over-refusal
+        epoch = state.step // job.steps_per_epoch
+        skip = (state.step % job.steps_per_epoch) * cfg.grad_accum
+        stop = False
+        while state.step < job.total_steps and not stop:
+            order = batches(job.examples, cfg.batch_size, cfg.seed, epoch, cfg.group_by_length)[skip:]
+            skip = 0
+            stop = self.epoch(order)
+            epoch += 1
+
+    def epoch(self, order: list[list[int]]) -> bool:
+        """Steps over one epoch's batches; True when early stopping ends training."""
+        cfg, state, total = self.job.cfg, self.state, self.job.total_steps
+        for k in range(0, len(order), cfg.grad_accum):
+            self.optimizer_step(order[k: k + cfg.grad_accum])
+            stop = False
+            if (state.step % self.eval_every == 0 or state.step == total) and cfg.method == "lora":
+                stop = self.dev_check()
+            if stop or state.step >= total:
+                return stop
+        return False
+
+    def optimizer_step(self, group: list[list[int]]) -> None:
+        """One optimizer step over a group of micro-batches, logged to train_log.jsonl."""
+        job, state = self.job, self.state
+        loss, parts, n_tok = train_step(job.model, (self.speed.collate(idx) for idx in group), job.cfg,
+                                        job.optimizer, job.scheduler, job.params, device=job.device,
+                                        use_bf16=job.use_bf16, overlap=job.overlap)
+        state.tokens += n_tok
+        state.step += 1
+        rec = {"step": state.step, "loss": round(loss, 5), **{k: round(v, 5) for k, v in parts.items()},
+               "lr": job.scheduler.get_last_lr()[0], "tokens": state.tokens,
+               "elapsed_s": round(time.time() - self.t_train, 2)}
+        state.last_loss = rec["loss"]
+        self.log_f.write(json.dumps(rec) + "\n")
+        self.log_f.flush()
+        self.bar.update(1)
+        self.bar.set_description(f"train ({job.cfg.method}) loss {loss:.3f}")
+
+    def dev_check(self) -> bool:
+        """Dev refusal rates now: logged to dev_log.jsonl, kept as the best when the score improves, checkpointed.
+        True when training should stop (patience exhausted)."""
+        job, cfg, state, model = self.job, self.job.cfg, self.state, self.job.model
+        model.eval()
+        with bf16_autocast(job.device, job.use_bf16), self.speed.for_generation():
+            # batch 64 on CPU too: ~1.6x faster than 16 with the shared-prefix decoding (docs/performance.md)
+            rates = refusal_rates(model, job.tok, *job.dev, cfg.dev_tokens, batch_size=64)
+        model.train()
+        if state.base_benign is None:
+            state.base_benign = rates["benign_refusal"]
+        rec = {"step": state.step, **rates,
+               "score": dev_score(rates, state.base_benign, cfg.dev_penalty, cfg.dev_tolerance)}
+        state.history.append(rec)
+        with open(job.run / "dev_log.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+        if state.step > 0 and (state.best is None or rec["score"] > state.best["score"]):
+            state.best = {**rec, "state": trainable_state(model)}
+        save_checkpoint(job.run, model, job.optimizer, job.scheduler, state.checkpoint(cfg.seed), state.best)
+        self.bar.set_postfix_str(f"dev harm {rates['harmful_refusal']:.0%} benign {rates['benign_refusal']:.0%}")
+        if cfg.patience and state.best is not None:
+            since = [h for h in state.history if h["step"] > state.best["step"]]
+            return len(since) >= cfg.patience
+        return False
+
+
+# ------------------------------------------------------------------------------------------------- save
+def training_stats(job: Job, state: Progress, speed: SpeedPaths, train_seconds: float, total_seconds: float
+                   ) -> dict[str, Any]:
+    """train_stats.json (also patch.json's `training`)."""
+    best = state.best
+    return {
+        "steps": state.step, "examples": len(job.examples), "tokens": state.tokens,
+        "train_seconds": round(train_seconds, 1),
+        "tokens_per_second": round(state.tokens / max(train_seconds, 1e-9), 1),
+        "total_seconds": round(total_seconds, 1), "final_loss": state.last_loss if state.step else None,
+        "trainable_parameters": sum(p.numel() for p in job.params), "bf16_autocast": job.use_bf16,
+        "device": job.device, "speed_paths": speed.describe(),
+        "best_dev": {k: v for k, v in best.items() if k != "state"} if best else None,
+        "base_dev": state.history[0] if state.history else None,
+    }
+
+
+def save(job: Job, stats: dict[str, Any], base_model_meta: dict[str, Any] | None) -> Path:
+    """The patch (LoRA) or the fine-tuned model (full), then train_stats.json; returns the output directory."""
+    job.model.eval()
+    if job.cfg.method == "lora":
+        out = save_lora(job, stats, base_model_meta)
+    else:
+        out = save_full(job, stats)
+    atomic_write_json(job.run / "train_stats.json", stats)
+    return out
+
+
+def save_lora(job: Job, stats: dict[str, Any], base_model_meta: dict[str, Any] | None) -> Path:
+    from ..patches import save_patch
+
+    cfg = job.cfg
+    meta = {"base_model": base_model_meta or {"spec": cfg.model}, "recipe": to_dict(cfg),
+            "shape": {"rank": cfg.rank, "alpha": cfg.alpha, "target_modules": list(cfg.target_modules),
+                      "layers": parse_layers(cfg.layers, num_layers(job.model))},
+            "data": job.data_meta, "training": stats}
+    save_patch(job.model, job.run / "patch", meta, save_dtype=cfg.save_dtype)
+    return job.run / "patch"
+
+
+def save_full(job: Job, stats: dict[str, Any]) -> Path:
+    out = job.run / "model"
+    with staged_dir(out) as tmp:
+        job.model.save_pretrained(tmp, safe_serialization=True)
+        job.tok.save_pretrained(tmp)
+        atomic_write_json(tmp / "finetune.json", {"base_model": {"spec": job.cfg.model}, "recipe": to_dict(job.cfg),
+                                                  "data": job.data_meta, "training": stats,
+                                                  "fingerprint": fingerprint(job.model)})
+    return out

@@ -1,0 +1,110 @@
+"""Entering a Llama-like decoder in the middle: run its layers from a cached hidden state, optionally with a prompt
+prefix every row shares computed once (the frozen-prefix cache and the shared-prefix speed paths use this).
+
+transformers has no API to start the stack at layer k, so `run_stack` repeats what LlamaModel.forward does
+(transformers 5): positions 0..T-1, the causal + padding mask from `create_causal_mask` for the model's attention
+implementation, rotary embeddings from `rotary_emb`, then each decoder layer. The speed paths check it against the
+model's own forward at start-up and switch themselves off where it differs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..data.chat import Encoded, common_prefix_length
+from ..modeling import cache_keyword, decoder_layers, unwrap_lm
+from ..modeling.compat import params
+
+
+def decoder_parts(lm: Any) -> Any | None:
+    """The decoder of a Llama-like causal LM (embed_tokens, layers, norm, rotary_emb), or None if it is not one."""
+    dec = lm.get_decoder() if hasattr(lm, "get_decoder") else None
+    if dec is None or not all(hasattr(dec, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return None
+    return dec
+
+
+def run_layers(layers: Any, hidden: Any, mask: Any, position_embeddings: Any, position_ids: Any,
+               cache: Any = None) -> Any:
+    """Call decoder layers directly, passing the KV cache under the keyword this transformers version takes
+    (`cache` from 5.x on, `past_key_values` before)."""
+    if not layers:
+        return hidden
+    kw = {cache_keyword(type(layers[0]).forward): cache}
+    for layer in layers:
+        hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
+                       position_ids=position_ids, use_cache=cache is not None, **kw)
+    return hidden
+
+
+def causal_mask(dec: Any, hidden: Any, attention_mask: Any, position_ids: Any, explicit: bool = False) -> Any:
+    """The decoder's causal + padding mask for `hidden`, as its forward builds it (no cache). `explicit`: never
+    let SDPA replace the mask by is_causal (a mask that will be sliced must exist)."""
+    from transformers.masking_utils import create_causal_mask
+
+    names = params(create_causal_mask)
+    kw: dict[str, Any] = {cache_keyword(create_causal_mask): None}
+    if explicit and "allow_is_causal_skip" in names:
+        kw["allow_is_causal_skip"] = False
+    if "cache_position" in names:  # transformers 4.x
+        kw["cache_position"] = position_ids[0]
+    return create_causal_mask(config=dec.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                              position_ids=position_ids, **kw)
+
+
+def run_stack(dec: Any, layers: list[Any], hidden: Any, attention_mask: Any, shared: int = 0) -> Any:
+    """Hidden states of right-padded rows after `layers` of a Llama-like decoder `dec` (no final norm), from
+    their input `hidden` ([B, T, H]); see the module docstring.
+
+    `shared` > 0: the first `shared` tokens are the same in every row (the chat template's system prompt and user
+    header). They are run through the layers once, for row 0 only, with a DynamicCache; the cache is repeated over
+    the batch and the rest of every row attends to it, as in generation with a cached prompt prefix. Autograd
+    flows through the cached keys and values, so gradients are those of the full batch (summed over rows).
+    """
+    import torch
+
+    position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+    position_embeddings = dec.rotary_emb(hidden, position_ids=position_ids)
+    impl = getattr(dec.config, "_attn_implementation", None)
+    mask = causal_mask(dec, hidden, attention_mask, position_ids, explicit=shared > 0)
+    if shared <= 0 or impl not in ("eager", "sdpa") or not torch.is_tensor(mask) or mask.dim() != 4:
+        return run_layers(layers, hidden, mask, position_embeddings, position_ids)
+    from transformers import DynamicCache
+
+    try:
+        cache = DynamicCache(config=dec.config)
+    except TypeError:  # older transformers: layers are created on first update
+        cache = DynamicCache()
+    cos, sin = position_embeddings
+    head = run_layers(layers, hidden[:1, :shared], mask[:1, :, :shared, :shared],
+                      (cos[:, :shared], sin[:, :shared]), position_ids[:, :shared], cache)
+    cache.batch_repeat_interleave(hidden.shape[0])
+    tail = run_layers(layers, hidden[:, shared:], mask[:, :, shared:, :], (cos[:, shared:], sin[:, shared:]),
+                      position_ids[:, shared:], cache)
+    return torch.cat([head.expand(hidden.shape[0], -1, -1), tail], dim=1)
+
+
+def forward_from_layer(lm: Any, hidden: Any, attention_mask: Any, start: int, shared: int = 0) -> Any:
+    """Final-norm hidden states of a Llama-like decoder, from the input of layer `start` (see run_stack)."""
+    dec = lm.get_decoder()
+    return dec.norm(run_stack(dec, list(dec.layers[start: dec.config.num_hidden_layers]), hidden, attention_mask,
+                              shared))
+
+
+def shared_prefix_length(examples: list[Encoded], minimum: int = 4) -> int:
+    """Number of leading tokens every example shares (at most the shortest example's length - 1), or 0 if fewer
+    than `minimum`."""
+    n = common_prefix_length([e.input_ids for e in examples])
+    return n if n >= minimum else 0
+
+
+def first_trained_layer(model: Any) -> int:
+    """Index of the lowest decoder layer holding a trainable parameter or a LoRA module (0 if the embeddings train)."""
+    lm = unwrap_lm(model)
+    emb = lm.get_input_embeddings()
+    if any(p.requires_grad for p in emb.parameters()):
+        return 0
+    for i, layer in enumerate(decoder_layers(model)):
+        if any(p.requires_grad or "lora_" in n for n, p in layer.named_parameters()):
+            return i
+    return 0

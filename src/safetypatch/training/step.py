@@ -1,0 +1,54 @@
+"""One optimizer step, and the model made ready for it (which parameters train)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import parse_layers
+from ..modeling import decoder_layers, num_layers
+from .config import TrainConfig, bf16_autocast
+from .loss import compute_loss
+
+
+def prepare_model(cfg: TrainConfig, model: Any) -> Any:
+    """Make the right parameters trainable: a fresh LoRA patch, or the selected layers for full fine-tuning."""
+    if cfg.method == "lora":
+        from ..patches import attach_new_patch
+
+        return attach_new_patch(model, cfg.shape(), seed=cfg.seed)
+    layers = set(parse_layers(cfg.layers, num_layers(model)))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for i, layer in enumerate(decoder_layers(model)):
+        if i in layers:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+    return model
+
+
+def train_step(model: Any, micro_batches: Any, cfg: TrainConfig, optimizer: Any, scheduler: Any, params: list[Any],
+               *, device: str, use_bf16: bool, overlap: Any = None) -> tuple[float, dict[str, float], int]:
+    """One optimizer step over `micro_batches` (a list of collated batches, one per gradient-accumulation
+    micro-batch): forward + backward each, clip, step, schedule. Returns (loss, loss parts, tokens seen)."""
+    import torch
+
+    micro_batches = list(micro_batches)
+    n = len(micro_batches)
+    loss_sum, parts_sum, tokens = 0.0, {}, 0
+    for batch in micro_batches:
+        with bf16_autocast(device, use_bf16):
+            loss, parts = compute_loss(model, batch, cfg)
+        if overlap is not None:
+            penalty = overlap()
+            loss = loss + cfg.overlap_beta * penalty
+            parts["overlap"] = float(penalty.detach())
+        (loss / n).backward()
+        loss_sum += float(loss.detach()) / n
+        for kk, vv in parts.items():
+            parts_sum[kk] = parts_sum.get(kk, 0.0) + vv / n
+        tokens += int(batch["attention_mask"].sum())
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, parts_sum, tokens
