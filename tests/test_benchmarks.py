@@ -1,11 +1,9 @@
-from pathlib import Path
-
 import pytest
+from support import SHARED
 
 from safetypatch.errors import DataError
 from safetypatch.evals.benchmarks import BENCHMARKS, list_benchmarks, load_benchmark
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.exists(), reason="../shared/data not present")
 
 

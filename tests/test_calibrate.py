@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from conftest import build_tiny_model
+from support import build_tiny_model
 from safetypatch.jobs.calibrate import CalibrationConfig, calibrate, choose_factor, set_scale
 from safetypatch.config import GenerationConfig, PatchShape
 from safetypatch.modeling import generate

@@ -1,6 +1,6 @@
 import io
 
-from conftest import build_tiny_model
+from support import build_tiny_model
 from safetypatch.config import GenerationConfig, PatchShape
 from safetypatch.jobs.chat import chat, side_by_side
 from safetypatch.patches import attach_new_patch

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import build_tiny_model
+from support import build_tiny_model
 from safetypatch.cli import main
 from safetypatch.config import PatchShape
 from safetypatch.modeling import fingerprint, load_model

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from conftest import SHARED, write_jsonl
+from support import SHARED, write_jsonl
 from safetypatch.errors import DataError
 from safetypatch.data import builtin_split, load_builtin, read_records
 from safetypatch.data.builtin import SPLITS

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from conftest import write_jsonl
+from support import write_jsonl
 from safetypatch.cli import main
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import build_tiny_model
+from support import build_tiny_model
 from safetypatch.errors import PatchError
 from safetypatch.patches import delta_weights, export_gguf, export_peft, load_patch, lora_deltas
 from test_patch_ops import ALL_MODULES, logits, make_patch, patched_logits, run_cli

@@ -10,7 +10,7 @@ from safetypatch.modeling import generate, variant
 from safetypatch.modeling.generation import fast_greedy_ok
 from safetypatch.modeling.greedy import growing_layer_class, shared_prefix
 
-from conftest import build_tiny_model
+from support import build_tiny_model
 
 PROMPTS = ["Write a poem about the sea", "How do I kill a Python process?", "Hi", "The capital of France is",
            [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "bake bread"}],
@@ -95,7 +95,7 @@ def test_generate_keeps_a_callers_autocast(tiny_tok):
     not switch that autocast off (it did once: a float/bfloat16 matmul error)."""
     import torch
 
-    from conftest import build_tiny_model
+    from support import build_tiny_model
 
     model = build_tiny_model(tiny_tok)
     for mod in model.modules():

@@ -149,7 +149,7 @@ def test_lora_updates_equal_scaled_BA(tiny_tok, tmp_path, extra):
     from peft import LoraConfig, get_peft_model
 
     from safetypatch.patches import attach_new_patch, save_patch
-    from tests.conftest import build_tiny_model
+    from support import build_tiny_model
 
     if extra:
         cfg = LoraConfig(r=2, lora_alpha=8, target_modules=["up_proj", "q_proj"], task_type="CAUSAL_LM", **extra)
@@ -177,7 +177,7 @@ def test_lora_updates_equal_scaled_BA(tiny_tok, tmp_path, extra):
 def test_full_updates_finds_exactly_changed_weights(tiny_tok):
     import copy
 
-    from tests.conftest import build_tiny_model
+    from support import build_tiny_model
 
     base = build_tiny_model(tiny_tok)
     ft = copy.deepcopy(base)
@@ -195,7 +195,7 @@ def test_full_updates_finds_exactly_changed_weights(tiny_tok):
 
 
 def test_svd_cache_is_safetensors_and_checked(planted, tmp_path, tiny_tok):
-    from tests.conftest import build_tiny_model
+    from support import build_tiny_model
 
     *_, w0 = planted
     cache = SVDCache(build_tiny_model(tiny_tok))
@@ -249,7 +249,7 @@ def test_analyze_patch_writes_files(tiny_model_dir, tmp_path, capsys):
 
 def test_hidden_shift_zero_for_noop_patch(tiny_tok):
     from safetypatch.patches import attach_new_patch
-    from tests.conftest import build_tiny_model
+    from support import build_tiny_model
 
     pm = attach_new_patch(build_tiny_model(tiny_tok), PatchShape(rank=1, target_modules=["up_proj"], layers="all"))
     assert g.hidden_shift(pm, tiny_tok, ["hello"]) == pytest.approx([0.0, 0.0], abs=1e-7)

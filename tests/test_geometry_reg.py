@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import build_tiny_model
+from support import build_tiny_model
 from safetypatch.config import PatchShape
 from safetypatch.training.config import TrainConfig
 from safetypatch.training.regularizer import OverlapPenalty

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import SHARED
+from support import SHARED
 from safetypatch.judges import JUDGES, Verdict, get_judge, verdict_summary
 from safetypatch.judges.model_judges import MODEL_JUDGES, RawPromptTokenizer
 from safetypatch.judges.model_prompts import (HARMBENCH_CLS_PROMPT, HARMBENCH_CLS_PROMPT_CONTEXTUAL,

@@ -108,6 +108,15 @@ def test_tests_and_benchmarks_use_public_names_only():
     assert not bad, "private names imported by tests or benchmarks:\n" + "\n".join(bad)
 
 
+def test_conftest_is_not_imported_as_a_module():
+    tests = SRC.parents[1] / "tests"
+    bad = [f"{path.name}:{node.lineno}" for path in sorted(tests.glob("*.py"))
+           for node in ast.walk(ast.parse(path.read_text()))
+           if (isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[-1] == "conftest")
+           or (isinstance(node, ast.Import) and any(a.name.split(".")[-1] == "conftest" for a in node.names))]
+    assert not bad, "conftest imported as a module (use its fixtures, or tests/support.py helpers): " + ", ".join(bad)
+
+
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components with more than one module (Tarjan, iterative)."""
     index: dict[str, int] = {}

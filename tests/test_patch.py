@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from conftest import build_tiny_model
+from support import build_tiny_model
 from safetypatch.config import PatchShape
 from safetypatch.modeling import fingerprint
 from safetypatch.errors import PatchError

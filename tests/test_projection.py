@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import build_tiny_model
+from support import build_tiny_model
 from safetypatch.config import PatchShape
 from safetypatch.patches import (attach_new_patch, delta_weights, load_patch, project_patch, project_update, save_patch,
                                  verify_files)

@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from conftest import build_tiny_model
+from support import build_tiny_model
 from safetypatch.errors import ConfigError
 from safetypatch.config import PatchShape
 from safetypatch.data.readers import Record

@@ -9,7 +9,7 @@ from safetypatch.errors import ConfigError
 from safetypatch.training.config import TrainConfig
 from safetypatch.jobs.train import train
 
-from conftest import build_tiny_model
+from support import build_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_jsonl
+from support import write_jsonl
 from safetypatch.cli import main
 from safetypatch.errors import SuiteError
 from safetypatch.evals.suite import list_suites, load_suite

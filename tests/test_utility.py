@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from conftest import write_jsonl
+from support import write_jsonl
 from safetypatch.config import GenerationConfig, PatchShape
 from safetypatch.errors import DataError
 from safetypatch.evals import utility

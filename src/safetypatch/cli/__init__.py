@@ -1,31 +1,37 @@
-"""Command line: `safetypatch train | eval | demo | runs | compare | patch ... | analyze | calibrate | chat | redteam`.
+"""Command line: `safetypatch train | demo | eval | runs | compare | patch ... | analyze | calibrate | chat | redteam`.
 
 One module per command group (train.py: train and demo; evaluate.py: eval, runs, compare; patch.py: the patch
 group; analyze.py, calibrate.py, chat.py, redteam.py); each command's flags are generated from its config
-dataclass by flags.py, so every default is written once. Heavy imports happen inside the command functions, so
-building the parser (and `--help`) is instant. `main` prints any SafetypatchError as `error: ...` (exit status 2).
+dataclass by flags.py, so every default is written once. A module of this folder that defines `register(sub)` and
+`HELP_ORDER` is a command group that `build_parser` finds: a new command is one new module. Heavy imports happen
+inside the command functions, so building the parser (and `--help`) is instant. `main` prints any
+SafetypatchError as `error: ...` (exit status 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import pkgutil
 import sys
+from types import ModuleType
 from typing import Sequence
 
 from ..errors import SafetypatchError
-from . import analyze, calibrate, chat, evaluate, patch, redteam, train
 
-# the order of `safetypatch --help`
-REGISTER = (train.register_train, evaluate.register_eval, train.register_demo, evaluate.register_runs,
-            evaluate.register_compare, patch.register, analyze.register, calibrate.register, chat.register,
-            redteam.register)
+
+def command_modules() -> list[ModuleType]:
+    """The command-group modules of this package (those with `register` and `HELP_ORDER`), in help order."""
+    modules = [importlib.import_module(f"{__name__}.{info.name}") for info in pkgutil.iter_modules(__path__)]
+    groups = [m for m in modules if hasattr(m, "register") and hasattr(m, "HELP_ORDER")]
+    return sorted(groups, key=lambda m: m.HELP_ORDER)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="safetypatch", description="LoRA safety patches: train, evaluate, manage.")
     sub = p.add_subparsers(dest="command", required=True)
-    for register in REGISTER:
-        register(sub)
+    for module in command_modules():
+        module.register(sub)
     return p
 
 

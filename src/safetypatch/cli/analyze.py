@@ -9,6 +9,8 @@ from typing import Any
 from ..jobs.analyze import AnalyzeConfig
 from .flags import add_command, config_from_args
 
+HELP_ORDER = 40  # where the command group stands in `safetypatch --help`
+
 
 def parse_ks(text: str) -> tuple[int, ...]:
     """'1,8,32' -> (1, 8, 32): subspace sizes, each >= 1."""

@@ -8,6 +8,8 @@ from typing import Any
 from ..jobs.chat import ChatConfig
 from .flags import add_command, config_from_args
 
+HELP_ORDER = 60  # where the command group stands in `safetypatch --help`
+
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from ..jobs.chat import run_chat

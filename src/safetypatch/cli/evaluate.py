@@ -18,6 +18,8 @@ DB_HELP = "results database (default $SAFETYPATCH_HOME/results.db)"
 RUN_COLUMNS = (("id", 4), ("created", 25), ("suite", 10), ("model", 22), ("patch", 28), ("sha256", 12),
                ("metrics", 7), ("samples", 7), ("name", 20))
 
+HELP_ORDER = 20  # where the command group stands in `safetypatch --help`
+
 
 @dataclass
 class RunsArgs:
@@ -100,3 +102,9 @@ def register_runs(sub: Any) -> None:
 
 def register_compare(sub: Any) -> None:
     add_command(sub, "compare", "the difference table between two recorded runs", cmd_compare, CompareArgs)
+
+
+def register(sub: Any) -> None:
+    register_eval(sub)
+    register_runs(sub)
+    register_compare(sub)

@@ -18,6 +18,8 @@ from .flags import add_command
 
 MODEL_HELP = "base model: hub id, local dir, .gguf file, or 'default'"
 
+HELP_ORDER = 30  # where the command group stands in `safetypatch --help`
+
 
 def _patch() -> Any:
     return field(metadata={"positional": True})

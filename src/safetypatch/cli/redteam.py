@@ -10,6 +10,8 @@ from typing import Any
 from ..jobs.redteam import RedteamConfig
 from .flags import add_command, config_from_args
 
+HELP_ORDER = 70  # where the command group stands in `safetypatch --help`
+
 
 @dataclass(kw_only=True)
 class RedteamArgs:

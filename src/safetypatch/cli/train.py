@@ -14,6 +14,8 @@ from .flags import add_command, add_recipe_flags, recipe_from_args
 
 RECIPE = {"help": "YAML recipe; flags override it"}
 
+HELP_ORDER = 10  # where the command group stands in `safetypatch --help`
+
 
 @dataclass(kw_only=True)
 class TrainArgs:
@@ -66,3 +68,8 @@ def register_demo(sub: Any) -> None:
     d = add_command(sub, "demo", "train the default patch on the embedded model and show base vs patched",
                     cmd_demo, DemoArgs)
     add_recipe_flags(d, TrainConfig)
+
+
+def register(sub: Any) -> None:
+    register_train(sub)
+    register_demo(sub)

@@ -105,6 +105,20 @@ def iter_rows(source: str | Path) -> tuple[str, Iterator[tuple[int, Any]]]:
     raise DataError(f"{source}: no such file (and not a hub dataset id of the form 'org/name[:split]')")
 
 
+def iter_objects(source: str | Path, expected: str) -> tuple[str, Iterator[tuple[int, dict[str, Any]]]]:
+    """Like `iter_rows`, for a data source whose rows must be objects: a row that is not one is a DataError naming
+    the file, the line and what the row should hold (`expected`)."""
+    name, rows = iter_rows(source)
+
+    def objects() -> Iterator[tuple[int, dict[str, Any]]]:
+        for line, row in rows:
+            if not isinstance(row, dict):
+                raise DataError(f"{name}:{line}: expected an object with {expected}, got {type(row).__name__}")
+            yield line, row
+
+    return name, objects()
+
+
 def _messages(value: Any, where: str) -> list[dict[str, str]]:
     if isinstance(value, str):
         try:
@@ -133,12 +147,10 @@ def read_records(
 
     Raises DataError naming the file, line and field for a missing or empty field, and for an empty file.
     """
-    name, rows = iter_rows(source)
+    name, rows = iter_objects(source, f"field '{prompt_field}'")
     out: list[Record] = []
     for line, row in rows:
         where = f"{name}:{line}"
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected an object with field '{prompt_field}', got {type(row).__name__}")
         meta = {k: v for k, v in row.items() if k not in (prompt_field, response_field, "messages")
                 and isinstance(v, (str, int, float, bool))}
         if "messages" in row and prompt_field not in row:

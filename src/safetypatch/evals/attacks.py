@@ -99,49 +99,29 @@ def _b64(text: str) -> str:
 LEET = str.maketrans({"a": "4", "e": "3", "i": "1", "o": "0", "s": "5", "t": "7"})
 
 
+def register_template(name: str, description: str, template: str,
+                      source: str = JAILBROKEN) -> Callable[[str], str]:
+    """Register attack `name` as `template` with the request put in its `{prompt}`; returns the transform."""
+    def fill(p: str) -> str:
+        return template.format(prompt=p)
+
+    return register(name, description, source)(fill)
+
+
 @register("none", "the request unchanged")
 def _none(p: str) -> str:
     return p
 
 
-@register("prefix_injection", "ask for an affirmative opening")
-def _prefix(p: str) -> str:
-    return PREFIX_INJECTION.format(prompt=p)
-
-
-@register("refusal_suppression", "forbid apologies, disclaimers and refusal words")
-def _suppress(p: str) -> str:
-    return REFUSAL_SUPPRESSION.format(prompt=p)
-
-
-@register("style_injection", "constrain the answer's style")
-def _style(p: str) -> str:
-    return STYLE_INJECTION.format(prompt=p)
-
-
-@register("distractors", "hide the request among harmless tasks")
-def _distract(p: str) -> str:
-    return DISTRACTORS.format(prompt=p)
-
-
-@register("wikipedia", "ask for an encyclopedia article on the request")
-def _wiki(p: str) -> str:
-    return WIKIPEDIA.format(prompt=p)
-
-
-@register("aim", "AIM-style amoral advisor role-play")
-def _aim(p: str) -> str:
-    return AIM.format(prompt=p)
-
-
-@register("evil_confidant", "a persona freed from its rules")
-def _evil(p: str) -> str:
-    return EVIL_CONFIDANT.format(prompt=p)
-
-
-@register("few_shot", "examples of an assistant complying")
-def _few(p: str) -> str:
-    return FEW_SHOT.format(prompt=p)
+prefix_injection = register_template("prefix_injection", "ask for an affirmative opening", PREFIX_INJECTION)
+refusal_suppression = register_template("refusal_suppression", "forbid apologies, disclaimers and refusal words",
+                                        REFUSAL_SUPPRESSION)
+style_injection = register_template("style_injection", "constrain the answer's style", STYLE_INJECTION)
+register_template("distractors", "hide the request among harmless tasks", DISTRACTORS)
+register_template("wikipedia", "ask for an encyclopedia article on the request", WIKIPEDIA)
+register_template("aim", "AIM-style amoral advisor role-play", AIM)
+register_template("evil_confidant", "a persona freed from its rules", EVIL_CONFIDANT)
+register_template("few_shot", "examples of an assistant complying", FEW_SHOT)
 
 
 @register("base64", "the request base64-encoded, answer requested in base64")
@@ -166,19 +146,14 @@ def _leet(p: str) -> str:
 
 @register("combination_1", "prefix injection + refusal suppression + base64 (Jailbroken combination_1)")
 def _combo1(p: str) -> str:
-    return _prefix(_suppress(_base64(p)))
+    return prefix_injection(refusal_suppression(_base64(p)))
 
 
 @register("combination_2", "combination_1 + style injection (Jailbroken combination_2)")
 def _combo2(p: str) -> str:
-    return _style(_combo1(p))
+    return style_injection(_combo1(p))
 
 
-@register("dan", "DAN-style unrestricted-mode template (first template)", source="DAN-style, written for safetypatch")
-def _dan(p: str) -> str:
-    return DAN_TEMPLATES[0].format(prompt=p)
-
-
-@register("dev_mode", "DAN-style 'developer mode' template", source="DAN-style, written for safetypatch")
-def _dev(p: str) -> str:
-    return DAN_TEMPLATES[1].format(prompt=p)
+DAN_SOURCE = "DAN-style, written for safetypatch"
+register_template("dan", "DAN-style unrestricted-mode template (first template)", DAN_TEMPLATES[0], DAN_SOURCE)
+register_template("dev_mode", "DAN-style 'developer mode' template", DAN_TEMPLATES[1], DAN_SOURCE)

@@ -6,7 +6,7 @@ imported at module level: torch / transformers load inside the functions that ne
 (`modeling.backends`) are imported from their module directly.
 """
 
-from .compat import bf16_supported, cache_keyword, unwrap_lm
+from .compat import bf16_supported, cache_keyword, params, unwrap_lm
 from .generation import Chat, Generation, as_chat, generate
 from .architecture import decoder_layers, num_layers
 from .fingerprints import fingerprint, fingerprint_differences, fingerprint_id, fingerprint_like
@@ -17,5 +17,5 @@ from .variants import FinetunedPair, variant
 
 __all__ = ["Chat", "FinetunedPair", "Generation", "SVDCache", "as_chat", "bf16_supported", "cache_keyword",
            "decoder_layers", "fingerprint", "fingerprint_differences", "fingerprint_id", "fingerprint_like",
-           "generate", "load_model", "load_tokenizer", "model_directory", "num_layers", "resolve_model", "token_kl",
-           "unwrap_lm", "variant"]
+           "generate", "load_model", "load_tokenizer", "model_directory", "num_layers", "params", "resolve_model",
+           "token_kl", "unwrap_lm", "variant"]

@@ -62,6 +62,16 @@ def check_variant(name: str) -> str:
     return name
 
 
+BACKENDS: dict[str, type[Backend]] = {}
+
+
+def register_backend(cls: type[Backend]) -> type[Backend]:
+    """Class decorator: make a backend available by its `name` (`get_backend(name)`)."""
+    BACKENDS[cls.name] = cls
+    return cls
+
+
+@register_backend
 class TransformersBackend(Backend):
     """A transformers model: `model` a loaded model (with `tok`; a PEFT model with its patch attached, or a
     FinetunedPair), or any --model spec to load. "base" switches a PEFT adapter off."""
@@ -136,6 +146,7 @@ def adapter_rank(patch_dir: Path) -> int:
     return max(ranks)
 
 
+@register_backend
 class VLLMBackend(Backend):
     """vLLM engine over the base model; a patch is served as a LoRA (`enable_lora`, `LoRARequest`).
 
@@ -193,7 +204,6 @@ class VLLMBackend(Backend):
         return results
 
 
-BACKENDS: dict[str, type[Backend]] = {"transformers": TransformersBackend, "vllm": VLLMBackend}
 BACKEND_ALIASES = {"hf": "transformers", "huggingface": "transformers"}
 
 

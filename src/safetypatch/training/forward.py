@@ -12,8 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..data.chat import Encoded, common_prefix_length
-from ..modeling import cache_keyword, decoder_layers, unwrap_lm
-from ..modeling.compat import params
+from ..modeling import cache_keyword, decoder_layers, params, unwrap_lm
 
 
 def decoder_parts(lm: Any) -> Any | None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ...data.readers import iter_rows
+from ...data.readers import iter_objects, iter_rows
 from ...errors import DataError
 
 LETTERS = "ABCDEFGHIJ"
@@ -68,12 +68,10 @@ def load_mmlu(path: str | Path, subjects: Sequence[str] | None = None, limit: in
 def load_mc_jsonl(path: str | Path, limit: int | None = None) -> list[MCItem]:
     """Generic multiple choice: rows {question, choices, answer}; `choices` a list of strings or ARC's
     {text: [...], label: [...]}; `answer` (or ARC's `answerKey`) an index, a label / letter, or the choice text."""
-    name, rows = iter_rows(path)
+    name, rows = iter_objects(path, "fields question, choices, answer")
     out: list[MCItem] = []
     for line, row in rows:
         where = f"{name}:{line}"
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected an object with fields question, choices, answer")
         q = row.get("question")
         if isinstance(q, dict):  # ARC hub layout: question: {stem, choices}
             row = {**row, "choices": q.get("choices"), "question": q.get("stem")}
