@@ -87,8 +87,9 @@ def test_flags_override_and_convert():
     from safetypatch.jobs.evaluate import EvalConfig
     from safetypatch.jobs.redteam import RedteamConfig
 
-    cfg = config_from_args(EvalConfig, parse(["eval", "--out", "o", "--shared", "d", "--judge-model", "a=x/y",
-                                              "--judge-model", "z/w", "--max-new-tokens", "3", "--no-db"]))
+    cfg = config_from_args(EvalConfig, parse(["eval", "--suite", "quick", "--out", "o", "--shared", "d",
+                                              "--judge-model", "a=x/y", "--judge-model", "z/w", "--max-new-tokens",
+                                              "3", "--no-db"]))
     assert (cfg.data_root, cfg.judge_model, cfg.max_new_tokens, cfg.no_db) == ("d", ["a=x/y", "z/w"], 3, True)
     cal = config_from_args(CalibrationConfig, parse(["calibrate", "--patch", "p", "--factors", "0.5,1",
                                                      "--max-over-refusal", "0.1"]))
@@ -162,7 +163,7 @@ def test_main_prints_any_safetypatch_error(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no such patch directory" in err
 
-    def broken(path):
+    def broken(*args, **kwargs):
         raise SafetypatchError("the base class too")
 
     monkeypatch.setattr(safetypatch.patches, "patch_info", broken)

@@ -7,9 +7,13 @@ the fields and flags given on the command line override it.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import json
+import numbers
 import os
 import re
-from dataclasses import dataclass, field, fields
+import sys
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,19 +21,102 @@ import yaml
 
 from .errors import ConfigError
 
+C = TypeVar("C")
+
 
 def safetypatch_home() -> Path:
     """Root of safetypatch's caches (models converted from GGUF, base-model answers, SVDs)."""
     return Path(os.environ.get("SAFETYPATCH_HOME", Path.home() / ".cache" / "safetypatch")).expanduser()
 
 
+# ------------------------------------------------------------------------------------------- number ranges
+# Every int / float field (and every element of a tuple[float, ...] / list[int] field) is checked by
+# `check_numbers`: finite, an integer where the annotation says int, and within the bounds its metadata gives:
+# "min" (>=), "gt" (>), "max" (<=), "lt" (<). Ints are capped at INT_MAX unless "max" says otherwise (a limit or a
+# token count beyond it is a typo, and torch / tokenizers overflow on it). `from_dict` and the command line's
+# `config_from_args` both call it (through `check_config`), and every config's `validate` starts with it.
+INT_MAX = 2**31 - 1
+SEED_MAX = 2**32 - 1  # the largest seed numpy accepts
+BOUNDS = (("min", ">="), ("gt", ">"), ("max", "<="), ("lt", "<"))
+_NUMERIC = re.compile(r"^(?:(?:tuple|list)\[)?(int|float)(?:, \.\.\.)?\]?(?: \| None)?$")
+
+
+def numeric_kind(f: Field) -> str | None:
+    """'int' / 'float' for a numeric field (or a tuple / list of numbers), else None."""
+    text = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    m = _NUMERIC.match(text.replace("Optional[", "").replace("typing.", ""))
+    return m.group(1) if m else None
+
+
+def valid_range(f: Field, kind: str) -> str:
+    """The rule a field's values follow, in words: '>= 1 (an integer, at most 2147483647)', 'in [0, 1) (a finite
+    number)'."""
+    meta = f.metadata
+    lo = ("[", meta["min"]) if "min" in meta else ("(", meta["gt"]) if "gt" in meta else None
+    hi = ("]", meta["max"]) if "max" in meta else (")", meta["lt"]) if "lt" in meta else None
+    what = "a finite number" if kind == "float" else "an integer" if hi else f"an integer, at most {INT_MAX}"
+    if lo and hi:
+        return f"in {lo[0]}{lo[1]}, {hi[1]}{hi[0]} ({what})"
+    bounds = " ".join(f"{op} {meta[key]}" for key, op in BOUNDS if key in meta)
+    return f"{bounds} ({what})" if bounds else what
+
+
+def number_ok(value: Any, kind: str, f: Field) -> bool:
+    """Whether one value is a number of the field's kind, finite, and within its bounds."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    if kind == "int" and not (isinstance(value, numbers.Integral) and abs(value) <= f.metadata.get("max", INT_MAX)):
+        return False  # (ints compare exactly, however big)
+    if not abs(value) <= sys.float_info.max:  # NaN, inf, and ints too big to become a float
+        return False
+    meta = f.metadata
+    checks = (("min", lambda b: value >= b), ("gt", lambda b: value > b), ("max", lambda b: value <= b),
+              ("lt", lambda b: value < b))
+    return all(test(meta[key]) for key, test in checks if key in meta)
+
+
+def flag_name(f: Field) -> str:
+    """The command-line flag of a field (its first option string), as `cli.flags` makes it."""
+    return f.metadata.get("flags", (f"--{f.name.replace('_', '-')}",))[0]
+
+
+def check_numbers(obj: Any, where: str = "config", flags: bool = False) -> None:
+    """ConfigError naming the field (with `flags`, its flag too) and its valid range when a numeric field of the
+    dataclass `obj` is not finite, not an integer where it must be, or out of range; None values (unset) pass."""
+    for f in fields(obj):
+        kind = numeric_kind(f)
+        value = getattr(obj, f.name, None)
+        if kind is None or (value is None and "None" in str(f.type)):
+            continue
+        items = list(value) if isinstance(value, (tuple, list)) else [value]
+        bad = [v for v in items if not number_ok(v, kind, f)]
+        if bad:
+            label = f"field '{f.name}'"
+            if flags and not f.metadata.get("positional"):
+                label = f"{flag_name(f)} / {label}"  # the flag as typed, and the field as a recipe names it
+            each = "each value of " if isinstance(value, (tuple, list)) else ""
+            got = repr(bad[0]) if len(repr(bad[0])) <= 40 else f"{repr(bad[0])[:37]}..."
+            raise ConfigError(f"{where}: {each}{label} must be {valid_range(f, kind)}, got {got}")
+
+
+def check_config(obj: C, where: str = "config", flags: bool = False) -> C:
+    """`check_numbers`, then the class's own `validate(where)` (choices, fields that depend on each other)."""
+    check_numbers(obj, where, flags)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        takes_where = any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+                          for p in inspect.signature(validate).parameters.values())
+        validate(where) if takes_where else validate()
+    return obj
+
+
 @dataclass
 class PatchShape:
     """Where the LoRA patch goes and how big it is."""
 
-    rank: int = field(default=4, metadata={"help": "LoRA rank r"})
-    alpha: float = field(default=64.0, metadata={"help": "LoRA alpha; the update is (alpha / r) B A"})
-    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    rank: int = field(default=4, metadata={"help": "LoRA rank r", "min": 1})
+    alpha: float = field(default=64.0, metadata={"help": "LoRA alpha; the update is (alpha / r) B A", "gt": 0})
+    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout", "min": 0, "lt": 1})
     target_modules: list[str] = field(
         default_factory=lambda: ["up_proj"], metadata={"help": "module names to patch, comma separated"}
     )
@@ -39,12 +126,7 @@ class PatchShape:
     )
 
     def validate(self, where: str = "config") -> None:
-        if self.rank < 1:
-            raise ConfigError(f"{where}: field 'rank' must be >= 1, got {self.rank}")
-        if self.alpha <= 0:
-            raise ConfigError(f"{where}: field 'alpha' must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"{where}: field 'dropout' must be in [0, 1), got {self.dropout}")
+        check_numbers(self, where)
         if not self.target_modules:
             raise ConfigError(f"{where}: field 'target_modules' is empty")
 
@@ -53,57 +135,86 @@ class PatchShape:
 class GenerationConfig:
     """Batched generation settings shared by evaluation, anchors and early stopping."""
 
-    max_new_tokens: int = 64
-    batch_size: int = 16
+    max_new_tokens: int = field(default=64, metadata={"min": 1})
+    batch_size: int = field(default=16, metadata={"min": 1})
     do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
+    temperature: float = field(default=1.0, metadata={"min": 0})
+    top_p: float = field(default=1.0, metadata={"gt": 0, "max": 1})
+    seed: int = field(default=0, metadata={"min": 0, "max": SEED_MAX})
     # bf16 autocast while generating: ~1.8x faster on a CPU with native bf16 (AVX512-BF16 / AMX); greedy tokens
     # then differ from fp32 after the first near-tie, the refusal verdicts did not (docs/performance.md)
     bf16: bool = False
 
+    def validate(self, where: str = "config") -> None:
+        check_numbers(self, where)
+        if self.do_sample and self.temperature == 0:
+            raise ConfigError(f"{where}: field 'temperature' must be > 0 when sampling (do_sample); "
+                              "use do_sample: false for greedy answers")
 
-C = TypeVar("C")
+
+def _sequence(value: Any) -> list[Any]:
+    """A comma-separated string or a YAML list as a list of items."""
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise TypeError(value)
+
+
+def _scalar(value: Any, t: str) -> Any:
+    """One value as the scalar type `t` names (bool, int, float, str); TypeError / ValueError when it is not one."""
+    if t.startswith("bool"):
+        if isinstance(value, bool):
+            return value
+        text = str(value).lower()
+        if text in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return text in ("1", "true", "yes", "on")
+        raise ValueError(value)
+    if t.startswith("int"):
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        if isinstance(value, (list, tuple, dict)):
+            raise TypeError(value)
+        return int(value)
+    if t.startswith("float"):
+        if isinstance(value, (list, tuple, dict)):
+            raise TypeError(value)
+        return float(value)
+    if t.startswith("str"):
+        if isinstance(value, str) and value.lower() in ("none", "null", "") and "None" in t:
+            return None
+        return str(value)
+    return value
 
 
 def _coerce(value: Any, ftype: Any, name: str, where: str) -> Any:
     """Convert a YAML / CLI value to the field's declared type, or raise a ConfigError naming the field."""
-    t = str(ftype)
-    try:
-        if value is None:
+    t = str(ftype).replace("<class '", "").replace("'>", "")
+    if value is None:
+        if "None" in t:
             return None
-        if "list[str]" in t:
-            if isinstance(value, str):
-                return [v.strip() for v in value.split(",") if v.strip()]
-            return [str(v) for v in value]
-        if t.startswith("bool") or t == "<class 'bool'>":
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("1", "true", "yes", "on"):
-                return True
-            if str(value).lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
-        if t.startswith("int") or t == "<class 'int'>":
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if t.startswith("float") or t == "<class 'float'>":
-            return float(value)
-        if "str" in t:
-            if isinstance(value, str) and value.lower() in ("none", "null", "") and "None" in t:
-                return None
-            return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: field '{name}' expects {t.replace('<class ', '').rstrip('>')}, got {value!r}") from None
-    return value
+        raise ConfigError(f"{where}: field '{name}' needs a value ({t}); leave it out for the default")
+    try:
+        if t.startswith("dict"):
+            if not isinstance(value, dict):
+                raise TypeError(value)
+            return dict(value)
+        if t.startswith(("list[", "tuple[")):
+            items = [_scalar(v, t.split("[", 1)[1]) for v in _sequence(value)]
+            return items if t.startswith("list") else tuple(items)
+        return _scalar(value, t)
+    except (TypeError, ValueError, OverflowError):
+        got = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:37]}..."
+        raise ConfigError(f"{where}: field '{name}' expects {t}, got {got}") from None
 
 
-def from_dict(cls: type[C], data: dict[str, Any], where: str = "config") -> C:
-    """Build a dataclass from a mapping, refusing unknown keys and coercing types; names the bad field."""
-    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - set(known))
+def from_dict(cls: type[C], data: dict[str, Any], where: str = "config", flags: bool = False) -> C:
+    """Build a dataclass from a mapping, refusing unknown keys, coercing types and checking every value
+    (`check_config`); the error names the bad field (with `flags`: its command-line flag)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of field: value, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls) if f.init}  # type: ignore[arg-type]
+    unknown = sorted(str(k) for k in data if k not in known)
     if unknown:
         hint = ""
         for u in unknown:
@@ -112,23 +223,38 @@ def from_dict(cls: type[C], data: dict[str, Any], where: str = "config") -> C:
                 hint = f" (did you mean '{close[0]}'?)"
         raise ConfigError(f"{where}: unknown field(s) {unknown}{hint}; known fields: {sorted(known)}")
     kwargs = {k: _coerce(v, known[k].type, k, where) for k, v in data.items()}
-    obj = cls(**kwargs)
-    if hasattr(obj, "validate"):
-        obj.validate(where)  # type: ignore[attr-defined]
-    return obj
+    missing = sorted(k for k, f in known.items() if k not in kwargs and f.default is dataclasses.MISSING
+                     and f.default_factory is dataclasses.MISSING)  # type: ignore[misc]
+    if missing:
+        raise ConfigError(f"{where}: missing field(s) {missing}")
+    return check_config(cls(**kwargs), where, flags)
 
 
 def load_yaml(cls: type[C], path: str | Path, overrides: dict[str, Any] | None = None) -> C:
     """Load a YAML recipe into `cls`; `overrides` (e.g. CLI flags) win over the file."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such recipe file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory; --config takes a YAML recipe file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save the recipe as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the recipe ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except (ValueError, RecursionError) as e:  # YAML Python cannot build: a date like 2020-13-45, a huge int, nesting
+        raise ConfigError(f"{path}: not a usable recipe ({type(e).__name__}: {str(e)[:120]}); write plain "
+                          "field: value pairs") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of field: value at the top level")
+    try:
+        json.dumps(data, ensure_ascii=False, default=str).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{path}: holds an escape of an unpaired surrogate (e.g. \\ud800), which is no Unicode "
+                          "character; remove it or write the intended character") from None
     data.update(overrides or {})
     return from_dict(cls, data, where=str(path))
 

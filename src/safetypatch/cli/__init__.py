@@ -5,7 +5,7 @@ group; analyze.py, calibrate.py, chat.py, redteam.py); each command's flags are 
 dataclass by flags.py, so every default is written once. A module of this folder that defines `register(sub)` and
 `HELP_ORDER` is a command group that `build_parser` finds: a new command is one new module. Heavy imports happen
 inside the command functions, so building the parser (and `--help`) is instant. `main` prints any
-SafetypatchError as `error: ...` (exit status 2).
+SafetypatchError as `error: ...` (exit status 2). No parser takes abbreviated flags (`flags.Parser`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from types import ModuleType
 from typing import Sequence
 
 from ..errors import SafetypatchError
+from .flags import Parser
 
 
 def command_modules() -> list[ModuleType]:
@@ -28,7 +29,8 @@ def command_modules() -> list[ModuleType]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="safetypatch", description="LoRA safety patches: train, evaluate, manage.")
+    # a Parser takes no abbreviated flags, and every sub-parser below it is one too
+    p = Parser(prog="safetypatch", description="LoRA safety patches: train, evaluate, manage.")
     sub = p.add_subparsers(dest="command", required=True)
     for module in command_modules():
         module.register(sub)

@@ -28,13 +28,13 @@ class CalibrateArgs:
 
 
 def parse_factors(text: str) -> tuple[float, ...]:
-    """'0.5,1,1.5' -> (0.5, 1.0, 1.5): scale factors, each >= 0."""
+    """'0.5,1,1.5' -> (0.5, 1.0, 1.5): scale factors (their range, each finite and >= 0, is CalibrationConfig's)."""
     try:
         vals = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"--factors expects comma-separated numbers like 0.5,1,1.5, got {text!r}") from None
-    if not vals or any(v < 0 for v in vals):
+    if not vals:
         raise argparse.ArgumentTypeError(f"--factors expects numbers >= 0, got {text!r}")
     return vals
 

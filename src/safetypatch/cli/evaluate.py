@@ -24,7 +24,7 @@ HELP_ORDER = 20  # where the command group stands in `safetypatch --help`
 @dataclass
 class RunsArgs:
     db: str | None = field(default=None, metadata={"help": DB_HELP})
-    limit: int | None = field(default=None, metadata={"help": "only the newest N runs"})
+    limit: int | None = field(default=None, metadata={"help": "only the newest N runs", "min": 1})
     json: bool = False
 
 

@@ -10,22 +10,38 @@ another converter (a comma-separated list, say). Two layouts:
   builds the dataclass back.
 - `add_recipe_flags` / `recipe_from_args`: recipe classes (TrainConfig): every field a value flag with default
   None, converted and validated by `config.from_dict` (so `--freeze-a false` works), overriding `--config` YAML.
+Numbers are checked in one place, `config.check_numbers`: finite, integers where the field is an int, within the
+range of the field's "min" / "gt" / "max" / "lt" metadata. `config_from_args` and `recipe_from_args` check the
+config they build (then the class's own `validate(where)`), and every command made by `add_command` checks the
+numeric flags of all its classes before it runs, so a bad number fails before any output exists or any model
+loads. Every parser is a `Parser`: no abbreviated flags (`--max-new-token` is not `--max-new-tokens`).
 Nothing here imports torch: building the parser must stay instant.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 from dataclasses import MISSING, Field, fields
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
-from ..config import from_dict, load_yaml
+from ..config import check_config, check_numbers, from_dict, load_yaml
 
 C = TypeVar("C")
 Converter = Callable[[str], Any]
 _SCALARS: dict[str, Converter] = {"int": int, "float": float, "str": str}
 _KEYS = ("help", "nargs", "metavar", "choices", "action")
+WHERE = "command line"
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser that takes no abbreviated long options; its sub-parsers (`add_subparsers` makes them of
+    the parent's class) are `Parser`s too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
 
 
 def field_default(f: Field) -> Any:
@@ -105,7 +121,12 @@ def add_flags(p: argparse.ArgumentParser, cls: type, converters: Mapping[str, Co
 
 
 def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
-    """The dataclass back from a namespace that `add_flags(p, cls)` filled (fields without a flag: defaults)."""
+    """The dataclass back from a namespace that `add_flags(p, cls)` filled (fields without a flag: defaults),
+    checked (`config.check_config`): ConfigError naming the flag and its valid range."""
+    return check_config(built(cls, args), WHERE, flags=True)
+
+
+def built(cls: type[C], args: argparse.Namespace) -> C:
     return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if f.init and hasattr(args, f.name)})
 
 
@@ -122,14 +143,26 @@ def recipe_from_args(cls: type[C], args: argparse.Namespace, recipe: str | None)
     overrides = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
     if recipe:
         return load_yaml(cls, recipe, overrides)
-    return from_dict(cls, overrides, where="command line")
+    return from_dict(cls, overrides, where=WHERE, flags=True)
 
 
 def add_command(sub: Any, name: str, help: str, func: Callable[[argparse.Namespace], int], *classes: type,
                 converters: Mapping[str, Converter] = {}, skip: Sequence[str] = ()) -> argparse.ArgumentParser:
-    """A sub-command whose flags are the fields of `classes`, run by `func(args)`."""
-    p = sub.add_parser(name, help=help)
+    """A sub-command whose flags are the fields of `classes`, run by `func(args)` once every numeric flag of them
+    is in range."""
+    p = sub.add_parser(name, help=help, allow_abbrev=False)
     for cls in classes:
         add_flags(p, cls, converters, skip)
-    p.set_defaults(func=func)
+    p.set_defaults(func=numbers_checked(func, classes))
     return p
+
+
+def numbers_checked(func: Callable[[argparse.Namespace], int], classes: Sequence[type]
+                    ) -> Callable[[argparse.Namespace], int]:
+    """`func`, run only after `config.check_numbers` passed for every class's fields in the namespace."""
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        for cls in classes:
+            check_numbers(built(cls, args), WHERE, flags=True)
+        return func(args)
+    return run

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ def _overwrite(help: str | None = "replace an existing output") -> Any:
 class InfoArgs:
     patch: str = _patch()
     json: bool = False
+    no_verify: bool = field(default=False, metadata={
+        "help": "skip the sha256 / safetensors / finite-weights check (the output says it was skipped)"})
 
 
 @dataclass(kw_only=True)
@@ -79,12 +82,14 @@ class UnmergeArgs(PatchOpArgs):
 class ExportArgs(PatchOpArgs):
     out: str = _out("output directory (peft) or .gguf file (gguf)")
     format: str = field(metadata={"required": True, "choices": ("peft", "gguf")})
-    max_lora_rank: int = field(default=16, metadata={"help": "peft: warn when the rank exceeds vLLM's setting"})
+    max_lora_rank: int = field(default=16, metadata={"help": "peft: warn when the rank exceeds vLLM's setting",
+                                                     "min": 1})
     arch: str = field(default="llama", metadata={"help": "gguf: llama.cpp architecture name"})
     model: str | None = field(default=None, metadata={
         "help": "gguf: base model (for its head counts; default: the spec in patch.json)"})
-    n_head: int | None = field(default=None, metadata={"help": "gguf: attention heads (instead of --model)"})
-    n_head_kv: int | None = field(default=None, metadata={"help": "gguf: key/value heads (default --n-head)"})
+    n_head: int | None = field(default=None, metadata={"help": "gguf: attention heads (instead of --model)", "min": 1})
+    n_head_kv: int | None = field(default=None, metadata={"help": "gguf: key/value heads (default --n-head)",
+                                                          "min": 1})
     dtype: str = field(default="float32", metadata={"choices": ("float32", "float16"), "help": "gguf: tensor type"})
 
 
@@ -92,18 +97,20 @@ class ExportArgs(PatchOpArgs):
 class ProjectArgs(PatchOpArgs):
     overwrite: bool = _overwrite(None)
     model: str = field(default="default", metadata={"help": MODEL_HELP})
-    k: int = field(default=16, metadata={"help": "size of the protected top-k subspace"})
+    k: int = field(default=16, metadata={"help": "size of the protected top-k subspace", "min": 1})
     side: str = field(default="both", metadata={"choices": SIDES})
 
 
 def parse_weights(text: str | None, n: int) -> list[float]:
-    """'1,-1' -> [1.0, -1.0]; None -> all ones; the count must match the number of patches."""
+    """'1,-1' -> [1.0, -1.0]; None -> all ones; each finite; the count must match the number of patches."""
     if text is None:
         return [1.0] * n
     try:
         weights = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise PatchError(f"--weights {text!r}: expected comma-separated numbers such as 1,-1 or 0.5,0.5") from None
+    if not all(math.isfinite(w) for w in weights):
+        raise PatchError(f"--weights {text!r}: every weight must be a finite number (not nan or inf)")
     if len(weights) != n:
         raise PatchError(f"--weights has {len(weights)} value(s) for {n} patch(es)")
     return weights
@@ -113,33 +120,41 @@ def parse_weights(text: str | None, n: int) -> list[float]:
 def cmd_info(args: argparse.Namespace) -> int:
     from ..patches import patch_info
 
-    info = patch_info(args.patch)
+    info = patch_info(args.patch, verify=False) if args.no_verify else patch_info(args.patch)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
     for k, v in info.items():
-        if k in ("evaluations", "calibration"):
+        if k in ("evaluations", "calibration", "verified"):
             continue
         if k == "training" and isinstance(v, dict):
             v = ", ".join(f"{a}={b}" for a, b in v.items() if not isinstance(b, dict))
+        if k == "sha256" and not info["verified"]:
+            v = f"{v}  (NOT verified: --no-verify; the weights may not match it)"
         print(f"{k:>17}: {v}")
     print_certificate(info.get("evaluations") or [], info.get("calibration"))
     return 0
+
+
+def _pct(v: Any) -> str:
+    return f"{v:.1%}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "?"
 
 
 def print_certificate(evals: list[dict[str, Any]], cal: dict[str, Any] | None) -> None:
     """The evaluations and the calibration recorded in patch.json, as `patch info` shows them."""
     print(f"{'certificate':>17}: " + ("no evaluation recorded" if not evals else f"{len(evals)} evaluation(s)"))
     for e in evals:
-        rates = "; ".join(f"{name}: " + ", ".join(f"{j} {v:.1%}" for j, v in by_judge.items())
+        rates = "; ".join(f"{name}: " + ", ".join(f"{j} {_pct(v)}" for j, v in by_judge.items())
                           for name, by_judge in e.get("refusal", {}).items())
         print(f"{'':>17}  {e.get('date', '?')}  {e.get('suite', '?')}  n={e.get('n', '?')}  {rates}")
     if cal:
         budget = f"base benign {cal['base_benign_refusal']:.1%} + budget {cal['budget']:.0%}"
-        if cal["within_budget"]:
-            at = next(p for p in cal["curve"] if p["factor"] == cal["chosen_factor"])
+        at = next((p for p in cal["curve"] if p["factor"] == cal["chosen_factor"]), None)
+        if cal["within_budget"] and at is not None:
             line = (f"s = {cal['chosen_factor']:g}: harmful {at['harmful_refusal']:.1%}, benign "
                     f"{at['benign_refusal']:.1%} ({budget})")
+        elif cal["within_budget"]:
+            line = f"s = {cal['chosen_factor']:g} (not on the recorded curve) ({budget})"
         else:
             line = f"no factor within {budget}"
         print(f"{'calibration':>17}: {line}  {cal['date']}")

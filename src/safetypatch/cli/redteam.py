@@ -23,7 +23,7 @@ class RedteamArgs:
     out: str = field(metadata={"required": True,
                                "help": "directory for the rounds (rerun the same command to resume)"})
     epochs: float | None = field(default=None, metadata={
-        "help": "epochs for each round's patch (default: RedteamConfig.train's)"})
+        "help": "epochs for each round's patch (default: RedteamConfig.train's)", "gt": 0})
 
 
 def parse_attacks(text: str) -> tuple[str, ...]:

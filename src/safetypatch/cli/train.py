@@ -34,7 +34,7 @@ class DemoArgs:
         "help": "run directory (default runs/demo-<time>); the patch goes to OUT/patch"})
     config: str | None = field(default=None, metadata=RECIPE)
     eval_limit: int | None = field(default=None, metadata={
-        "help": "evaluate only the first N test prompts of each split"})
+        "help": "evaluate only the first N test prompts of each split", "min": 1})
 
 
 def cmd_train(args: argparse.Namespace) -> int:

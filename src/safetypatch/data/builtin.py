@@ -22,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..errors import DataError
+from .paths import path_exists
 from .readers import Record, read_records
 
 BUILTIN_DIR = Path(__file__).parent / "builtin"
@@ -73,7 +74,7 @@ def builtin_split(name: str, split: str, seed: int = DEFAULT_SPLIT_SEED) -> list
 def resolve_prompts(spec: str, prompt_field: str = "prompt", response_field: str | None = "response",
                     require_response: bool = False, default_split: str = "train") -> list[Record]:
     """A data argument: 'builtin' / 'builtin:<set>[:split]', a file, or a hub id; 'A+B' concatenates sources."""
-    if "+" in spec and not Path(spec).exists():
+    if "+" in spec and not path_exists(Path(spec).expanduser()):
         return [r for part in spec.split("+") for r in resolve_prompts(part.strip(), prompt_field, response_field,
                                                                      require_response, default_split)]
     if spec == "builtin" or spec.startswith("builtin:"):

@@ -1,6 +1,9 @@
-"""Reading prompt/response pairs or chat `messages` from JSONL, JSON, CSV, Parquet or a hub dataset id.
+"""Reading prompt/response pairs or chat `messages` from JSONL, JSON, CSV, TSV, Parquet or a hub dataset id.
 
-Every bad row is a `DataError` naming the file, the line (1-based, as an editor shows it) and the field.
+Every bad row is a `DataError` naming the file, the line (1-based, as an editor shows it) and the field. Text files
+are UTF-8 with or without a BOM (`data.text`); one that is not is a DataError naming the file, line and encoding, and
+so is JSON that spells no text (an unpaired surrogate escape), a number too long to convert or nesting too deep. A
+missing local path is reported as missing, not tried on the hub (`data.paths`).
 """
 
 from __future__ import annotations
@@ -10,9 +13,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
+
 from ..errors import DataError
-
-
+from .paths import DATA_SUFFIXES, looks_like_hub_id, missing_path_hint, path_exists
+from .text import check_json_unicode, open_text, read_text
 
 
 @dataclass
@@ -29,22 +33,31 @@ class Record:
         return list(self.messages) if self.messages else [{"role": "user", "content": self.prompt}]
 
 
+def _json_value(text: str, where: str, whole_file: bool = False) -> Any:
+    """One parsed JSON value (a JSONL line, or a whole file whose errors then name their line); a syntax error, a
+    number too long to convert or nesting too deep is a DataError."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        line = f":{e.lineno}" if whole_file else ""
+        raise DataError(f"{where}{line}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except (ValueError, RecursionError) as e:  # e.g. an integer of over 4300 digits, or [[[[...]]]] nested too deep
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
+        raise DataError(f"{where}: not usable JSON ({why})") from None
+    check_json_unicode(text, value, where)
+    return value
+
+
 def _rows_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            yield lineno, _json_value(line, f"{path}:{lineno}")
 
 
 def _rows_json(path: Path) -> Iterator[tuple[int, Any]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    data = _json_value(read_text(path), str(path), whole_file=True)
     if isinstance(data, dict):  # {"data": [...]} or {"train": [...]} wrappers
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -57,19 +70,34 @@ def _rows_json(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _rows_csv(path: Path) -> Iterator[tuple[int, Any]]:
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames:
-            return
-        for row in reader:
-            # line_num is the physical line where this row ended (multi-line quoted fields count)
-            yield reader.line_num, row
+    """Rows of a CSV (or, for .tsv, tab-separated) file with a header line; a row with more fields than the header
+    is an error (an unquoted comma would otherwise cut a prompt silently)."""
+    tsv = path.suffix.lower() == ".tsv"
+    with open_text(path, newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t" if tsv else ",")
+        try:
+            if not reader.fieldnames:
+                return
+            for row in reader:
+                if None in row:  # DictReader files surplus values under the key None
+                    raise DataError(f"{path}:{reader.line_num}: {len(reader.fieldnames) + len(row[None])} fields but "
+                                    f"the header names {len(reader.fieldnames)}; quote a field that holds a "
+                                    + ("tab" if tsv else "','"))
+                # line_num is the physical line where this row ended (multi-line quoted fields count)
+                yield reader.line_num, row
+        except csv.Error as e:
+            raise DataError(f"{path}:{reader.line_num}: not readable as CSV ({e}); an unclosed quote makes the rest "
+                            "of the file one field: close it (fields over 131072 characters need JSONL)") from None
 
 
 def _rows_parquet(path: Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
     for i, row in enumerate(table.to_pylist()):
         yield i + 1, row
 
@@ -88,21 +116,23 @@ def _rows_hub(spec: str) -> Iterator[tuple[int, Any]]:
 
 
 def iter_rows(source: str | Path) -> tuple[str, Iterator[tuple[int, Any]]]:
-    """(display name, iterator of (line, row dict)) for a file path or a hub dataset id."""
+    """(display name, iterator of (line, row dict)) for a file path or a hub dataset id (`org/name[:split]`; a
+    missing local path is reported as missing, see `data.paths`)."""
     p = Path(source).expanduser()
-    if p.exists():
+    if path_exists(p):
         if p.is_dir():
-            raise DataError(f"{p}: is a directory; pass a .jsonl, .json, .csv or .parquet file")
+            raise DataError(f"{p}: is a directory; pass a .jsonl, .json, .csv, .tsv or .parquet file")
         suffix = "".join(p.suffixes[-1:]).lower()
         readers = {".jsonl": _rows_jsonl, ".ndjson": _rows_jsonl, ".json": _rows_json, ".csv": _rows_csv,
                    ".tsv": _rows_csv, ".parquet": _rows_parquet}
         if suffix not in readers:
-            raise DataError(f"{p}: unknown file type '{suffix}'; use .jsonl, .json, .csv or .parquet")
+            raise DataError(f"{p}: unknown file type '{suffix}'; use .jsonl, .json, .csv, .tsv or .parquet")
         return str(p), readers[suffix](p)
     s = str(source)
-    if s.count("/") == 1 and not s.startswith((".", "/", "~")) and "." not in Path(s.partition(":")[0]).suffix:
+    if looks_like_hub_id(s, DATA_SUFFIXES, split=True):
         return s, _rows_hub(s)
-    raise DataError(f"{source}: no such file (and not a hub dataset id of the form 'org/name[:split]')")
+    raise DataError(f"{source}: no such file{missing_path_hint(s)}; check the path, or give a hub dataset id as "
+                    "'org/name[:split]'")
 
 
 def iter_objects(source: str | Path, expected: str) -> tuple[str, Iterator[tuple[int, dict[str, Any]]]]:
@@ -120,11 +150,13 @@ def iter_objects(source: str | Path, expected: str) -> tuple[str, Iterator[tuple
 
 
 def _messages(value: Any, where: str) -> list[dict[str, str]]:
-    if isinstance(value, str):
+    if isinstance(value, str):  # a CSV cell holding JSON
+        raw = value
         try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
+            value = json.loads(raw)
+        except (ValueError, RecursionError):
             raise DataError(f"{where}: field 'messages' is not a JSON list of {{role, content}}") from None
+        check_json_unicode(raw, value, f"{where}: field 'messages'")
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
     out = []

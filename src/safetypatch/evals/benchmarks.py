@@ -19,6 +19,7 @@ from typing import Callable
 
 from ..errors import DataError
 from ..data.readers import Record
+from ..data.text import open_text, read_text
 
 
 @dataclass(frozen=True)
@@ -80,12 +81,17 @@ def _default_local(spec: BenchmarkSpec) -> Path | None:
 
 
 def _csv_rows(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as f:
+    """The rows of a benchmark's CSV (UTF-8, with or without a BOM); errors name the file and line."""
+    with open_text(path, newline="") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
-        rows = list(reader)
+        try:
+            missing = [c for c in required if c not in (reader.fieldnames or [])]
+            if missing:
+                raise DataError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
+            rows = list(reader)
+        except csv.Error as e:
+            raise DataError(f"{path}:{reader.line_num}: not readable as CSV ({e}); an unclosed quote makes the "
+                            "rest of the file one field: close it") from None
     for i, row in enumerate(rows, 2):
         for c in required:
             if row.get(c) is None:
@@ -96,7 +102,11 @@ def _csv_rows(path: Path, required: tuple[str, ...]) -> list[dict[str, str]]:
 def _hub_rows(hub_id: str, split: str = "train", config: str | None = None) -> list[dict[str, str]]:
     from datasets import load_dataset
 
-    return [dict(r) for r in load_dataset(hub_id, config, split=split)]
+    try:
+        return [dict(r) for r in load_dataset(hub_id, config, split=split)]
+    except Exception as e:  # network, auth or not-found: say which dataset and how to work offline
+        raise DataError(f"{hub_id}: could not load hub dataset ({type(e).__name__}: {e}); give the local file "
+                        "(--path, or $SAFETYPATCH_DATA)") from None
 
 
 def _rec(benchmark: str, prompt: str, idx: str, category: str, label: str, **meta: str) -> Record:
@@ -224,7 +234,7 @@ def _mi(path: Path | None) -> list[Record]:
     if path is None:
         return [_rec("malicious_instruct", r["prompt"], str(i), "", "harmful")
                 for i, r in enumerate(_hub_rows("walledai/MaliciousInstruct"))]
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in read_text(path).splitlines() if ln.strip()]
     return [_rec("malicious_instruct", p, str(i), "", "harmful") for i, p in enumerate(lines)]
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from ..config import GenerationConfig, to_dict
 from ..data.builtin import resolve_prompts
 from ..data.readers import Record
+from ..errors import ConfigError
 from ..io_utils import atomic_write_json, claim_output_dir
 from ..judges import DEFAULT_JUDGES, get_judge
 from ..modeling.backends import Backend, TransformersBackend
@@ -37,7 +38,10 @@ class EvalRequest:
 
 
 def load_prompt_file(spec: str, prompt_field: str = "prompt", limit: int | None = None) -> list[Record]:
-    """Prompts from a JSONL file with a `prompt` field, a CSV with a `prompt` column, or 'builtin:<set>:<split>'."""
+    """Prompts from a JSONL file with a `prompt` field, a CSV with a `prompt` column, or 'builtin:<set>:<split>';
+    the first `limit` of them (None: all; a limit below 1 is a ConfigError, never a Python slice from the end)."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"limit must be an integer >= 1 (or None for every prompt), got {limit!r}")
     records = resolve_prompts(spec, prompt_field=prompt_field, response_field=None, default_split="test")
     return records[:limit] if limit else records
 
@@ -94,9 +98,12 @@ def run_eval(req: EvalRequest, out_dir: str | Path, resume: bool = False,
     from ..modeling import load_model
     from .backend import transformers_backend
 
-    out = claim_output_dir(out_dir, resume=resume, marker="summary.json")
     t0 = time.time()
+    req.generation.validate("eval generation")
     records = load_prompt_file(req.prompts, req.prompt_field, req.limit)
+    for j in req.judges:
+        get_judge(j)  # an unknown judge fails here, before the output directory or the model
+    out = claim_output_dir(out_dir, resume=resume, marker="summary.json")
     model, tok = model_and_tok or load_model(req.model)
     backend = transformers_backend(model, tok, patch=req.patch)
     variants = ["base"]

@@ -45,14 +45,15 @@ def update_records(model: Any, updates: dict[Key, "torch.Tensor"], ks: Sequence[
 def analyze_with_shift(model_spec: str, patch: str | Path | None = None, finetuned: str | Path | None = None,
                        ks: Sequence[int] = KS, out_dir: str | Path | None = None,
                        prompts_harmful: Sequence[Any] | None = None, prompts_benign: Sequence[Any] | None = None,
-                       shift: bool = True, limit: int = 20, seed: int = 0
+                       shift: bool = True, limit: int = 20, seed: int = 0, verify: bool = True
                        ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """analyze(), also returning the hidden-state shift ({'harmful': [...], 'benign': [...], ...} or None)."""
+    """analyze(), also returning the hidden-state shift ({'harmful': [...], 'benign': [...], ...} or None).
+    `verify=False` skips the patch's sha256 check (its base fingerprint is still checked)."""
     if (patch is None) == (finetuned is None):
         raise ConfigError("give exactly one of patch= (a LoRA patch dir) or finetuned= (a fine-tuned model)")
     model, tok = load_model(model_spec)
     ft = load_model(str(finetuned))[0] if finetuned is not None else None
-    updates = patch_updates(model, patch) if patch is not None else full_updates(model, ft)
+    updates = patch_updates(model, patch, verify) if patch is not None else full_updates(model, ft)
     if not updates:
         log.warning("no weight differs from the base model; nothing to analyse")
     records = update_records(model, updates, ks, seed)
@@ -62,7 +63,7 @@ def analyze_with_shift(model_spec: str, patch: str | Path | None = None, finetun
         harmful = list(prompts_harmful) if prompts_harmful is not None else harmful
         benign = list(prompts_benign) if prompts_benign is not None else benign
         if patch is not None:
-            target = load_patch(model, patch, verify=(Path(patch) / PATCH_META).exists())
+            target = load_patch(model, patch, verify=verify and (Path(patch) / PATCH_META).exists())
             base = None
         else:
             target, base = ft, model

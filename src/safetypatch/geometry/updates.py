@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from ..errors import ConfigError
 from ..modeling import decoder_layers, unwrap_lm
-from ..patches import PATCH_META, check_base, lora_deltas, read_meta
+from ..patches import PATCH_META, check_base, lora_deltas, read_meta, verify_files
 
 if TYPE_CHECKING:
     import torch
@@ -87,8 +87,10 @@ def full_updates(base_model: Any, finetuned_model: Any, modules: Iterable[str] |
     return out
 
 
-def patch_updates(model: Any, patch: str | Path) -> dict[Key, "torch.Tensor"]:
-    """LoRA updates, after checking a safetypatch patch's base fingerprint (plain PEFT adapters are read as is)."""
+def patch_updates(model: Any, patch: str | Path, verify: bool = True) -> dict[Key, "torch.Tensor"]:
+    """LoRA updates, after checking a safetypatch patch's files (`verify_files`: sha256 as recorded, safetensors
+    only, finite weights; skipped when `verify` is False) and its base fingerprint. Plain PEFT adapters (no
+    patch.json) are read as is."""
     if (Path(patch) / PATCH_META).exists():
-        check_base(read_meta(patch), model, patch)
+        check_base(verify_files(patch) if verify else read_meta(patch), model, patch)
     return lora_updates(patch)

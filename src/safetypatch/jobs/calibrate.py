@@ -22,22 +22,22 @@ DEFAULT_FACTORS = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5)
 
 @dataclass
 class CalibrationConfig:
-    factors: tuple[float, ...] = field(default=DEFAULT_FACTORS, metadata={"help": "scale factors to try"})
-    max_over_refusal: float = field(default=0.05, metadata={"help": "benign refusal allowed above the base model's"})
+    factors: tuple[float, ...] = field(default=DEFAULT_FACTORS, metadata={"help": "scale factors to try", "min": 0})
+    max_over_refusal: float = field(default=0.05, metadata={
+        "help": "benign refusal allowed above the base model's", "min": 0, "max": 1})
     dev_harmful: str = field(default=DEV_HARMFUL, metadata={"help": "harmful prompts"})
     dev_benign: str = field(default=DEV_BENIGN, metadata={"help": "benign prompts"})
-    max_new_tokens: int = field(default=24, metadata={"help": "tokens generated per prompt"})
-    batch_size: int = field(default=16, metadata={"help": "generation batch size"})
+    max_new_tokens: int = field(default=24, metadata={"help": "tokens generated per prompt", "min": 1})
+    batch_size: int = field(default=16, metadata={"help": "generation batch size", "min": 1})
 
-    def validate(self) -> None:
+    def validate(self, where: str = "config") -> None:
+        from ..config import check_numbers
         from ..errors import ConfigError
 
-        if not 0 <= self.max_over_refusal <= 1:
-            raise ConfigError(f"max_over_refusal must be between 0 and 1, got {self.max_over_refusal}")
-        if not any(f > 0 for f in self.factors) or any(f < 0 for f in self.factors):
-            raise ConfigError(f"factors must be >= 0 with at least one > 0, got {list(self.factors)}")
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ConfigError("max_new_tokens and batch_size must be >= 1")
+        check_numbers(self, where)
+        if not any(f > 0 for f in self.factors):
+            raise ConfigError(f"{where}: field 'factors' (--factors) needs a factor > 0 (0 is the base model), "
+                              f"got {list(self.factors)}")
 
 
 def choose_factor(curve: list[dict[str, float]], budget: float) -> dict[str, Any]:
@@ -129,7 +129,7 @@ def calibrate(patch_dir: str | Path, model_spec: str = "default", cfg: Calibrati
     before any generation unless `overwrite`."""
     from ..errors import OutputExistsError
     from ..modeling import load_model
-    from ..patches import PATCH_META, load_patch, read_meta, scale_patch, verify_files
+    from ..patches import load_patch, record_calibration, scale_patch, verify_files
 
     cfg = cfg or CalibrationConfig()
     cfg.validate()
@@ -156,9 +156,7 @@ def calibrate(patch_dir: str | Path, model_spec: str = "default", cfg: Calibrati
     if apply_to is not None and chosen["within_budget"]:
         scale_patch(patch_dir, chosen["factor"], apply_to, overwrite=overwrite)
         record["applied_to"] = str(apply_to)
-    meta = read_meta(patch_dir)
-    meta["calibration"] = record
-    atomic_write_json(Path(patch_dir) / PATCH_META, meta)
+    record_calibration(patch_dir, record)  # locked and atomic: concurrent certificate entries are kept
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "calibration.json", {"patch": str(patch_dir), **record})

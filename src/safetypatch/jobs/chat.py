@@ -13,14 +13,17 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Iterable, TextIO
 
-from ..config import GenerationConfig
+from ..config import GenerationConfig, check_numbers
 
 
 @dataclass
 class ChatConfig:
     model: str = field(default="default", metadata={"help": "hub id, local dir, .gguf file, or 'default'"})
     patch: str | None = field(default=None, metadata={"help": "patch directory"})
-    max_new_tokens: int = field(default=128, metadata={"help": "tokens generated per answer"})
+    max_new_tokens: int = field(default=128, metadata={"help": "tokens generated per answer", "min": 1})
+
+    def validate(self, where: str = "config") -> None:
+        check_numbers(self, where)
 
 
 def side_by_side(left: str, right: str, width: int, titles: tuple[str, str] = ("base", "patched")) -> str:
@@ -76,6 +79,7 @@ def run_chat(cfg: ChatConfig) -> int:
     from ..modeling import load_model
     from ..patches import load_patch, verify_files
 
+    cfg.validate("chat")
     if cfg.patch:
         verify_files(cfg.patch)  # a missing or damaged patch fails before the model is loaded
     model, tok = load_model(cfg.model)

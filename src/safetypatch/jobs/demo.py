@@ -10,6 +10,7 @@ from typing import Any
 
 from ..config import GenerationConfig, to_dict
 from ..data.builtin import builtin_split
+from ..errors import ConfigError
 from ..evals.refusal import generate_and_judge, summarize
 from ..io_utils import atomic_write_json
 from ..judges import DEFAULT_JUDGES
@@ -54,10 +55,14 @@ def run_demo(out: str | Path | None = None, cfg: TrainConfig | None = None, eval
     from ..data.readers import write_jsonl_atomic
     from ..modeling import load_model
     from ..patches import record_evaluation
-    from .train import train
+    from .train import check_run_dir, train
 
     cfg = cfg or TrainConfig()
+    cfg.validate()
+    if eval_limit is not None and (isinstance(eval_limit, bool) or not isinstance(eval_limit, int) or eval_limit < 1):
+        raise ConfigError(f"--eval-limit must be an integer >= 1 (or unset for every test prompt), got {eval_limit!r}")
     out = Path(out) if out else default_out_dir()
+    check_run_dir(cfg, out, resume=False)  # before the model loads
     t0 = time.time()
     model, tok = load_model(cfg.model)
     result = train(cfg, out, model_and_tok=(model, tok), progress=progress)

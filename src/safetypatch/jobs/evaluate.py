@@ -10,8 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import GenerationConfig
+from ..config import GenerationConfig, check_numbers
 from ..errors import ConfigError
+from ..modeling import check_device
+
+# flags that only a suite run reads (refused with --prompts: they were silently ignored, and nothing recorded)
+SUITE_ONLY = ("finetuned", "data_root", "db", "no_db", "judge_model", "name", "device")
+PROMPTS_ONLY = ("judges", "prompt_field")  # flags that only a prompt-file run reads (a suite names its own judges)
 
 
 @dataclass
@@ -29,10 +34,12 @@ class EvalConfig:
     out: str = field(default="", metadata={
         "help": "output directory for samples.jsonl and summary.json", "required": True})
     judges: str = field(default="refusal_xstest,refusal_gcg", metadata={"help": "comma-separated judge names"})
-    max_new_tokens: int | None = field(default=None, metadata={"help": "default 64 (a suite: its own setting)"})
-    batch_size: int | None = field(default=None, metadata={"help": "default 16 (a suite: its own setting)"})
+    max_new_tokens: int | None = field(default=None, metadata={
+        "help": "default 64 (a suite: its own setting)", "min": 1})
+    batch_size: int | None = field(default=None, metadata={
+        "help": "default 16 (a suite: its own setting)", "min": 1})
     limit: int | None = field(default=None, metadata={
-        "help": "evaluate only the first N prompts (a suite: at most N per entry)"})
+        "help": "evaluate only the first N prompts (a suite: at most N per entry)", "min": 1})
     suite: str | None = field(default=None, metadata={
         "help": "evaluation suite: a shipped name (quick, paper) or a YAML file; with --patch, base and patched "
                 "are both evaluated"})
@@ -50,6 +57,46 @@ class EvalConfig:
         "help": "suite runs: device for the model and judge models, e.g. cuda (default CPU)"})
     resume: bool = field(default=False, metadata={"help": "allow writing into an existing output directory"})
 
+    def validate(self, where: str = "config") -> None:
+        """ConfigError, before any output exists or any model loads: numbers out of range, conflicting or ignored
+        flags (`check_modes`), and for a prompt file, judges that are not registered or need a model (model
+        judges run in suites, which take --judge-model)."""
+        from ..judges import get_judge
+
+        check_numbers(self, where)
+        check_modes(self)
+        if self.device is not None:
+            check_device(self.device)
+        if not self.suite:
+            for name in judge_names(self.judges):
+                get_judge(name)  # ConfigError for an unknown name, JudgeError for a model judge without a model
+
+
+def check_modes(cfg: EvalConfig) -> None:
+    """ConfigError for --suite with --prompts, and for a flag the chosen mode would silently ignore."""
+    if cfg.suite and cfg.prompts:
+        raise ConfigError("give either --suite or --prompts, not both")
+    if cfg.finetuned and not cfg.suite:
+        raise ConfigError("--finetuned works with --suite (e.g. --suite quick)")
+    defaults = EvalConfig(out=cfg.out)
+    given = [f for f in (PROMPTS_ONLY if cfg.suite else SUITE_ONLY) if getattr(cfg, f) != getattr(defaults, f)]
+    if not given:
+        return
+    flags = ", ".join("--" + f.replace("_", "-") for f in given)
+    if cfg.suite:
+        raise ConfigError(f"{flags}: apply to prompt-file runs (--prompts) only; a suite file names its own judges "
+                          "and prompts; drop them")
+    raise ConfigError(f"{flags}: apply to --suite runs only (a --prompts run would ignore them and record nothing "
+                      "in the results database); drop them, or evaluate a suite (e.g. --suite quick)")
+
+
+def judge_names(text: str) -> tuple[str, ...]:
+    """`--judges` as a tuple of names; ConfigError when it names none."""
+    names = tuple(j.strip() for j in text.split(",") if j.strip())
+    if not names:
+        raise ConfigError(f"--judges names no judge ({text!r}); give comma-separated names, e.g. refusal_xstest")
+    return names
+
 
 def judge_models(values: Sequence[str] | None) -> dict[str, str]:
     """`--judge-model` values as {judge name or '*': model spec}."""
@@ -64,13 +111,10 @@ def judge_models(values: Sequence[str] | None) -> dict[str, str]:
 
 
 def evaluate(cfg: EvalConfig) -> str:
-    """Run `safetypatch eval` and return the text it prints."""
+    """Run `safetypatch eval` and return the text it prints (the config is checked first: `EvalConfig.validate`)."""
+    cfg.validate("eval")
     if cfg.suite:
-        if cfg.prompts:
-            raise ConfigError("give either --suite or --prompts, not both")
         return _evaluate_suite(cfg)
-    if cfg.finetuned:
-        raise ConfigError("--finetuned works with --suite (e.g. --suite quick)")
     return _evaluate_prompts(cfg)
 
 
@@ -122,7 +166,7 @@ def _evaluate_prompts(cfg: EvalConfig) -> str:
     prompts = cfg.prompts or "builtin:harmful:test"
     max_new_tokens = cfg.max_new_tokens or 64
     gen = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=cfg.batch_size or 16)
-    judges = tuple(j.strip() for j in cfg.judges.split(",") if j.strip())
+    judges = judge_names(cfg.judges)
     req = EvalRequest(model=cfg.model, patch=cfg.patch, with_base=cfg.with_base, prompts=prompts,
                       prompt_field=cfg.prompt_field, judges=judges, generation=gen, limit=cfg.limit)
     summary = run_eval(req, cfg.out, resume=cfg.resume)

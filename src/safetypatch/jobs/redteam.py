@@ -35,21 +35,39 @@ NO_FAILURES_LEFT = "no failures left on the red-team half"
 
 @dataclass
 class RedteamConfig:
-    rounds: int = field(default=3, metadata={"help": "red-teaming rounds"})
+    rounds: int = field(default=3, metadata={"help": "red-teaming rounds", "min": 0})
     attacks: tuple[str, ...] = field(default=DEFAULT_ATTACKS, metadata={
         "help": "attack names, comma separated ('none' = plain, always included)"})
-    per_round: int = field(default=24, metadata={"help": "failures turned into training examples per round"})
-    holdout_every: int = field(default=3, metadata={"help": "every k-th pool prompt is held out for evaluation"})
+    per_round: int = field(default=24, metadata={"help": "failures turned into training examples per round",
+                                                  "min": 1})
+    holdout_every: int = field(default=3, metadata={"help": "every k-th pool prompt is held out for evaluation",
+                                                    "min": 2})
     benign_dev: str = field(default="builtin:benign:dev+builtin:benign_extra:dev",
                             metadata={"help": "benign prompts for the over-refusal check"})
-    max_new_tokens: int = field(default=24, metadata={"help": "tokens generated per prompt when judging"})
+    max_new_tokens: int = field(default=24, metadata={"help": "tokens generated per prompt when judging", "min": 1})
     min_refusals: int = field(default=96, metadata={"help": "a round's failures are repeated until it trains on at "
-                                                            "least this many refusal rows"})
+                                                            "least this many refusal rows", "min": 0})
     # rank 1 per round (one detector for "this kind of failure"), same per-rank scale as the default recipe; its
     # anchors (built-in benign + look-alikes) too. Early stopping checks the round's own failures (dev_harmful)
     train: dict[str, Any] = field(default_factory=lambda: {
         "rank": 1, "alpha": 16.0, "epochs": 2.0, "eval_every": 10, "dev_size": 40},
         metadata={"help": "TrainConfig fields for each round's patch (others: the default recipe)"})
+
+    def validate(self, where: str = "config") -> None:
+        """ConfigError for numbers out of range, unknown attacks or a missing plain 'none', and a `train` recipe
+        that TrainConfig refuses (checked now, not when round 1 starts training)."""
+        from ..config import check_numbers, from_dict
+        from ..errors import ConfigError
+        from ..evals.attacks import ATTACKS
+
+        check_numbers(self, where)
+        unknown = [a for a in self.attacks if a not in ATTACKS]
+        if unknown or "none" not in self.attacks:
+            raise ConfigError(f"{where}: field 'attacks' (--attacks) must include 'none' (the plain prompts) and "
+                              f"name known attacks; unknown: {unknown}; available: {sorted(ATTACKS)}")
+        if not isinstance(self.train, dict):
+            raise ConfigError(f"{where}: field 'train' must be a mapping of TrainConfig fields")
+        from_dict(TrainConfig, self.train, where=f"{where}: train (each round's recipe)")
 
 
 def split_pool(pool: list[Record], every: int) -> tuple[list[Record], list[Record]]:
@@ -148,19 +166,6 @@ def attach(stack: Path, factory: Any) -> tuple[Any, Any]:
     return load_patch(model, stack), tok
 
 
-def check_config(cfg: RedteamConfig) -> None:
-    """ConfigError for unknown attacks, a missing plain 'none', or counts out of range."""
-    from ..errors import ConfigError
-    from ..evals.attacks import ATTACKS
-
-    unknown = [a for a in cfg.attacks if a not in ATTACKS]
-    if unknown or "none" not in cfg.attacks:
-        raise ConfigError(f"attacks must include 'none' (the plain prompts) and name known attacks; unknown: "
-                          f"{unknown}; available: {sorted(ATTACKS)}")
-    if cfg.rounds < 0 or cfg.per_round < 1 or cfg.holdout_every < 2:
-        raise ConfigError("rounds must be >= 0, per_round >= 1 and holdout_every >= 2")
-
-
 def run_plan(patch_meta: dict[str, Any], pool: list[Record], cfg: RedteamConfig, model_spec: str) -> dict[str, Any]:
     """What a run directory's rounds depend on (all but the number of rounds, which a rerun may raise)."""
     from ..io_utils import sha256_text
@@ -175,8 +180,9 @@ def run_plan(patch_meta: dict[str, Any], pool: list[Record], cfg: RedteamConfig,
 def claim_run(out: Path, plan: dict[str, Any]) -> None:
     """A new run directory, or the same run resumed; a different plan in an existing directory is an error."""
     from ..errors import ConfigError
+    from ..io_utils import claim_output_dir
 
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(out, resume=True)  # a file in the way is a clear error; an existing run is checked below
     plan_file = out / "plan.json"
     if plan_file.exists():
         old = json.loads(plan_file.read_text())
@@ -329,7 +335,7 @@ def setup(patch: str | Path, pool: list[Record], out_dir: str | Path, model_spec
     from ..modeling import load_model
     from ..patches import verify_files
 
-    check_config(cfg)
+    cfg.validate("redteam")
     meta0 = verify_files(patch)  # a missing or damaged patch fails before any model is loaded
     work, held = split_pool(pool, cfg.holdout_every)
     if not work or not held:

@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
-from ..config import GenerationConfig
+from ..config import INT_MAX, GenerationConfig
 from ..errors import ConfigError, SuiteError
 from ..evals.suite import (Measured, Prepared, RunContext, Suite, SuiteRunConfig, add_differences, build_judges,
                            chat_key, drop_unpaired, generation_config, load_suite, nest, prepare)
@@ -31,6 +31,10 @@ def run_suite(cfg: SuiteRunConfig, out_dir: str | Path, resume: bool = False,
     t0 = time.time()
     if cfg.patch and cfg.finetuned:
         raise ConfigError("give either --patch or --finetuned to compare with the base model, not both")
+    for name in ("limit", "max_new_tokens", "batch_size"):  # the command line checks these too (EvalConfig)
+        value = getattr(cfg, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= INT_MAX):
+            raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1 (or unset), got {value!r}")
     suite = load_suite(cfg.suite)
     out = claim_output_dir(out_dir, resume=resume, marker="summary.json")
     log = suite_log(suite)

@@ -29,14 +29,16 @@ from ..errors import ConfigError, OutputExistsError
 from ..io_utils import atomic_write_json, claim_output_dir, staged_dir
 from ..modeling import fingerprint, load_model, num_layers
 from ..training.checkpoint import (check_resume_recipe, has_checkpoint, last_logged_loss, load_checkpoint,
-                                   load_trainable, save_checkpoint, trainable_state)
+                                   load_trainable, save_checkpoint, trainable_state, trim_logs)
 from ..training.config import TrainConfig, bf16_autocast, use_bf16
 from ..training.dev_checks import dev_prompts, dev_score, refusal_rates
 from ..training.examples import batches, build_examples
 from ..training.lora_init import contrast_init
 from ..training.regularizer import OverlapPenalty
 from ..training.speed import SpeedPaths
-from ..training.step import prepare_model, train_step
+from ..training.step import check_model_fit, prepare_model, train_step
+
+MARKER = "train_config.json"  # the file that makes a directory a run's (written when the run directory is claimed)
 
 
 @dataclass
@@ -97,7 +99,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, device: s
     import torch
 
     cfg.validate()
-    run = claim_run(cfg, run_dir, resume)
+    run = check_run_dir(cfg, run_dir, resume)  # nothing is written until the recipe fits the model and its data
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -113,26 +115,44 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, device: s
 
 
 # ------------------------------------------------------------------------------------------------- setup
-def claim_run(cfg: TrainConfig, run_dir: str | Path, resume: bool) -> Path:
-    """The run directory: new, or an unfinished one with `resume`."""
-    run = claim_output_dir(run_dir, resume=resume, marker="train_config.json")
+def check_run_dir(cfg: TrainConfig, run_dir: str | Path, resume: bool) -> Path:
+    """Refuse, before anything is loaded or written, a run directory that cannot take this run: a file, a finished
+    run, results of another run without `resume`, or (with `resume`) a run of a different recipe."""
+    run = Path(run_dir)
+    if run.exists() and not run.is_dir():
+        raise OutputExistsError(f"{run} is a file; --out takes a run directory (choose another --out)")
     out = run / ("patch" if cfg.method == "lora" else "model")
     if out.exists():
         raise OutputExistsError(f"{out} already exists: this run finished; choose a new --out")
+    if (run / MARKER).exists():
+        if not resume:
+            raise OutputExistsError(f"{run} already holds results; choose another --out, or pass --resume to "
+                                    "continue that run")
+        check_resume_recipe(run, cfg)
     return run
 
 
+def claim_run(cfg: TrainConfig, run: Path, resume: bool) -> None:
+    """Claim the run directory (new, or an unfinished one with `resume`) and record the recipe in it."""
+    check_run_dir(cfg, run, resume)
+    claim_output_dir(run, resume=resume, marker=MARKER)
+    atomic_write_json(run / MARKER, to_dict(cfg))
+
+
 def setup(cfg: TrainConfig, run: Path, device: str, resume: bool, model_and_tok: tuple[Any, Any] | None) -> Job:
-    """Model, data, trainable parameters (with their initialisation), optimizer, schedule and dev prompts."""
+    """Model, data, trainable parameters (with their initialisation), optimizer, schedule and dev prompts; the run
+    directory is claimed once the recipe fits the model (layers, target modules) and every data file was read."""
     import torch
     from transformers import get_scheduler
 
     model, tok = model_and_tok or load_model(cfg.model)
+    check_model_fit(cfg, model)
     model.to(device)
     examples, data_meta, sources = build_examples(cfg, model, tok)
-    if (run / "train_config.json").exists() and resume:
-        check_resume_recipe(run, cfg)
-    atomic_write_json(run / "train_config.json", to_dict(cfg))
+    dev = dev_prompts(cfg.dev_harmful, cfg.dev_benign, cfg.dev_size, cfg.prompt_field)
+    if cfg.method == "lora" and cfg.init in ("contrast", "lda") and not sources["anchor"]:
+        raise ConfigError(f"init '{cfg.init}' needs benign prompts: set --benign (or --init default)")
+    claim_run(cfg, run, resume)
     model = prepare_model(cfg, model)
     init_patch(cfg, model, tok, sources, data_meta, fresh=not has_checkpoint(run))
     overlap = overlap_penalty(cfg, model)
@@ -146,7 +166,7 @@ def setup(cfg: TrainConfig, run: Path, device: str, resume: bool, model_and_tok:
     return Job(cfg=cfg, run=run, device=device, model=model, tok=tok, examples=examples, data_meta=data_meta,
                params=params, optimizer=optimizer, scheduler=scheduler, overlap=overlap,
                steps_per_epoch=steps_per_epoch, total_steps=total_steps, use_bf16=use_bf16(cfg.bf16, device),
-               dev=dev_prompts(cfg.dev_harmful, cfg.dev_benign, cfg.dev_size, cfg.prompt_field))
+               dev=dev)
 
 
 def init_patch(cfg: TrainConfig, model: Any, tok: Any, sources: dict[str, list[Record]], data_meta: dict[str, Any],
@@ -155,9 +175,8 @@ def init_patch(cfg: TrainConfig, model: Any, tok: Any, sources: dict[str, list[R
     if cfg.method != "lora":
         return
     if cfg.init in ("contrast", "lda") and fresh:
-        if not sources["anchor"]:
-            raise ConfigError(f"init '{cfg.init}' needs benign prompts: set --benign")
-        sep = contrast_init(model, tok, sources["refusal"], sources["anchor"], lda=cfg.init == "lda")
+        sep = contrast_init(model, tok, sources["refusal"], sources["anchor"], lda=cfg.init == "lda",
+                            max_length=cfg.max_length)
         data_meta["init"] = {"method": cfg.init, "fisher_separation": sep}
     if cfg.freeze_a:
         for n, p in model.named_parameters():
@@ -186,6 +205,7 @@ def restore(job: Job, resume: bool) -> Progress:
         state.step, state.tokens, state.history = meta["step"], meta["tokens"], meta["history"]
         state.base_benign = meta["base_benign"]
         state.last_loss = last_logged_loss(job.run, state.step)  # a run checkpointed at its end runs no step
+    trim_logs(job.run, state.step)  # lines past the checkpoint (or of a start that never checkpointed) go
     return state
 
 

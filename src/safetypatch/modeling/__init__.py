@@ -6,7 +6,7 @@ imported at module level: torch / transformers load inside the functions that ne
 (`modeling.backends`) are imported from their module directly.
 """
 
-from .compat import bf16_supported, cache_keyword, params, unwrap_lm
+from .compat import bf16_supported, cache_keyword, check_device, params, unwrap_lm
 from .generation import Chat, Generation, as_chat, generate
 from .architecture import decoder_layers, num_layers
 from .fingerprints import fingerprint, fingerprint_differences, fingerprint_id, fingerprint_like
@@ -15,7 +15,7 @@ from .scoring import token_kl
 from .svd_cache import SVDCache
 from .variants import FinetunedPair, variant
 
-__all__ = ["Chat", "FinetunedPair", "Generation", "SVDCache", "as_chat", "bf16_supported", "cache_keyword",
+__all__ = ["Chat", "FinetunedPair", "Generation", "SVDCache", "as_chat", "bf16_supported", "cache_keyword", "check_device",
            "decoder_layers", "fingerprint", "fingerprint_differences", "fingerprint_id", "fingerprint_like",
            "generate", "load_model", "load_tokenizer", "model_directory", "num_layers", "params", "resolve_model",
            "token_kl", "unwrap_lm", "variant"]

@@ -1,10 +1,14 @@
-"""Small shims over transformers / PEFT API differences between the versions safetypatch supports."""
+"""Small shims over transformers / PEFT API differences between the versions safetypatch supports, and checks of
+what this machine has (bf16, devices)."""
 
 from __future__ import annotations
 
 import functools
 import inspect
+import re
 from typing import Any
+
+from ..errors import ConfigError
 
 
 def unwrap_lm(model: Any) -> Any:
@@ -34,3 +38,25 @@ def bf16_supported(device: str) -> bool:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+DEVICE = re.compile(r"^(cpu|cuda|mps|xpu)(:\d+)?$")
+
+
+def check_device(device: str, flag: str = "--device") -> str:
+    """`device` if this machine has it (cpu, cuda, cuda:N, mps, xpu[:N]); else ConfigError naming `flag` and what
+    to give instead."""
+    m = DEVICE.match(device)
+    if not m:
+        raise ConfigError(f"{flag} {device!r}: not a device name; give cpu, cuda, cuda:N, mps or xpu")
+    kind, index = m.group(1), int(m.group(2)[1:]) if m.group(2) else 0
+    if kind == "cpu":
+        return device
+    import torch
+
+    backend = {"cuda": torch.cuda, "mps": torch.backends.mps, "xpu": getattr(torch, "xpu", None)}[kind]
+    count = 0 if backend is None or not backend.is_available() else getattr(backend, "device_count", lambda: 1)()
+    if index >= count:
+        have = f"{count} {kind} device(s)" if count else f"no {kind} device"
+        raise ConfigError(f"{flag} {device}: this machine has {have}; give cpu" + (f" or {kind}:0" if count else ""))
+    return device

@@ -5,19 +5,26 @@ Greedy decoding runs by hand (`greedy.py`: the shared chat prefix's KV cache com
 the batch) wherever that equals model.generate's computation: no logits processor from the model's
 generation_config that the hand loop lacks, a decoder-only model. Sampling, and models where it does not hold, go
 through left-padded `model.generate`. The benchmark and tests switch the hand loop off (`_FAST_GREEDY`) to compare.
+
+A prompt never exceeds the model's context (`fit_context`): one longer than the context less `max_new_tokens` is
+cut, keeping the chat template's opening and the end of the prompt, with one warning line; `max_new_tokens` that
+leave no room for a prompt is a ConfigError.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from ..config import GenerationConfig
-from ..data.chat import prompt_ids
+from ..data.chat import common_prefix_length, prompt_ids
+from ..errors import ConfigError
 from .greedy import greedy_batch, left_pad, prefix_kv_cache, shared_prefix
 
 Chat = list[dict[str, str]]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,6 +103,47 @@ def _collect(tok: Any, idx: list[int], new: list[list[int]], stop: list[int], re
         results[i] = Generation(text=text.strip(), token_ids=toks, finished=finished)
 
 
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def context_length(model: Any) -> int | None:
+    """The model's context in tokens, from its config (None when the config does not say)."""
+    cfg = getattr(model, "config", None)
+    for name in CONTEXT_FIELDS:
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def fit_context(model: Any, tok: Any, encoded: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Prompts cut to fit the model's context with room for `max_new_tokens`: a longer prompt keeps the chat
+    template's opening (system prompt, user-turn header) and its last tokens (the end of the text and the
+    assistant-turn header); the text in between is dropped, with one warning line for the call. Prompts that fit
+    are returned as they are (the same list objects)."""
+    context = context_length(model)
+    if context is None:
+        return encoded
+    budget = context - max_new_tokens
+    if budget < 1:
+        raise ConfigError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's context of "
+                          f"{context} tokens; lower --max-new-tokens below {context}")
+    long = [i for i, ids in enumerate(encoded) if len(ids) > budget]
+    if not long:
+        return encoded
+    probe = prompt_ids(tok, [{"role": "user", "content": "x"}])  # where a user's text starts in the template
+    out = list(encoded)
+    for i in long:
+        ids = encoded[i]
+        head = min(common_prefix_length([ids, probe]), budget // 2)
+        out[i] = ids[:head] + ids[len(ids) - (budget - head):]
+    longest = max(len(encoded[i]) for i in long)
+    log.warning("warning: %d prompt(s) longer than the model's context were cut to %d tokens (context %d less "
+                "max_new_tokens %d; the longest had %d): the chat template's opening and the end of the text are "
+                "kept, the text in between is dropped", len(long), budget, context, max_new_tokens, longest)
+    return out
+
+
 def _autocast(device: Any, bf16: bool) -> Any:
     """bf16 autocast when asked, else nothing: an autocast(enabled=False) here would switch off a caller's autocast
     (the trainer's dev checks run under it with bf16 frozen weights)."""
@@ -123,7 +171,7 @@ def generate(
 
     cfg = cfg or GenerationConfig()
     device = next(model.parameters()).device
-    encoded = [prompt_ids(tok, as_chat(p)) for p in prompts]
+    encoded = fit_context(model, tok, [prompt_ids(tok, as_chat(p)) for p in prompts], cfg.max_new_tokens)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     stop = stop_ids(model, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else stop[0]

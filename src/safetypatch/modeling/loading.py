@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..config import safetypatch_home
+from ..data.paths import MODEL_SUFFIXES, looks_like_hub_id, missing_path_hint, path_exists
 from ..errors import ModelError
 from ..io_utils import sha256_file
 
@@ -85,24 +86,28 @@ def convert_gguf(gguf: Path, dest: Path | None = None) -> Path:
     return dest
 
 
-def resolve_model(spec: str) -> tuple[str, str]:
-    """Map a --model value to (kind, location): kind is 'dir', 'gguf' or 'hub'."""
+def resolve_model(spec: str, flag: str = "--model") -> tuple[str, str]:
+    """Map a --model value to (kind, location): kind is 'dir', 'gguf' or 'hub'. A value that is not a local path is
+    tried as a hub id only when it has the form 'org/name' and does not look like a local path (`data.paths`).
+    Errors name `flag`, the option the value came from."""
     if spec in (DEFAULT_MODEL, "", None):
         return "gguf", str(embedded_gguf_path())
     p = Path(spec).expanduser()
+    exists = path_exists(p)  # False, not an OSError, for a name too long to look up
     if p.suffix == ".gguf":
-        if not p.is_file():
-            raise ModelError(f"--model {spec}: no such .gguf file")
+        if not (exists and p.is_file()):
+            raise ModelError(f"{flag} {spec}: no such .gguf file{missing_path_hint(spec)}")
         return "gguf", str(p)
-    if p.is_dir():
+    if exists and p.is_dir():
         if not (p / "config.json").exists():
-            raise ModelError(f"--model {spec}: directory has no config.json (is it a transformers model directory?)")
+            raise ModelError(f"{flag} {spec}: directory has no config.json (is it a transformers model directory?)")
         return "dir", str(p)
-    if p.exists():
-        raise ModelError(f"--model {spec}: expected a model directory, a .gguf file, a hub id or 'default'")
-    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+    if exists:
+        raise ModelError(f"{flag} {spec}: expected a model directory, a .gguf file, a hub id or 'default'")
+    if looks_like_hub_id(spec, MODEL_SUFFIXES):
         return "hub", spec
-    raise ModelError(f"--model {spec}: not found as a local path and not of the hub-id form 'org/name'")
+    raise ModelError(f"{flag} {spec}: no such directory or file{missing_path_hint(spec)}; check the path, or give "
+                     "a hub id as 'org/name', a .gguf file or 'default'")
 
 
 def model_directory(spec: str) -> str:

@@ -8,7 +8,9 @@ suites' `kl` entries and the red-teaming rounds' drift measure, so all three com
 The batched scorers below (continuations, rolling log-likelihood of whole texts, KL on given answers) are written
 here because transformers has no batched continuation scorer; lm-evaluation-harness has one but is not a
 dependency. Each left-pads its rows, groups them longest first under a token budget, and keeps only the logits
-of the positions it scores. They serve the transformers backend (`modeling.backends`).
+of the positions it scores. They serve the transformers backend (`modeling.backends`). An input longer than the
+model's context keeps its last `context` tokens (the scored tokens and what directly precedes them), as
+lm-evaluation-harness truncates its requests.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from ..data.chat import prompt_ids
+from ..errors import DataError
+from .generation import context_length
 from .variants import variant
 
 MAX_BATCH_TOKENS = 4096  # rows x padded width per forward pass (bounds activations)
@@ -83,17 +87,29 @@ def target_logprobs(lp: Any, row: int, keep: int, targets: Sequence[int]) -> Any
     return lp[row, keep - n:].gather(-1, idx).squeeze(-1)
 
 
+def fit_input(ids: Sequence[int], scored: int, context: int | None) -> list[int]:
+    """The model input `ids` cut from the left to the model's `context` (None: no limit); the last `scored` tokens
+    must fit, else DataError."""
+    if context is None or len(ids) <= context:
+        return list(ids)
+    if scored > context:
+        raise DataError(f"{scored} tokens to score do not fit the model's context of {context} tokens; "
+                        "shorten that text or answer")
+    return list(ids[len(ids) - context:])
+
+
 def _progress(total: int, desc: str, progress: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, disable=not progress or total < 2, leave=False)
 
 
-def continuation_requests(tok: Any, pairs: Sequence[tuple[str, str]]) -> list[tuple[tuple[int, ...], list[int]]]:
+def continuation_requests(tok: Any, pairs: Sequence[tuple[str, str]],
+                          context: int | None = None) -> list[tuple[tuple[int, ...], list[int]]]:
     """(model input, continuation ids) of each (context, continuation) pair.
 
     Tokenized as lm-evaluation-harness does: the whole text is encoded and split at the context's length. The
-    model reads context + continuation minus its last token.
+    model reads context + continuation minus its last token (its last `context` tokens when longer).
     """
     reqs: list[tuple[tuple[int, ...], list[int]]] = []
     for ctx, cont in pairs:
@@ -105,10 +121,10 @@ def continuation_requests(tok: Any, pairs: Sequence[tuple[str, str]]) -> list[tu
             cont_ids = list(tok(cont, add_special_tokens=False)["input_ids"])
             whole = ctx_ids + cont_ids
         if not cont_ids:
-            raise ValueError(f"empty continuation {cont!r}")
+            raise DataError(f"empty continuation {cont!r}: every choice needs text")
         if not ctx_ids:
-            raise ValueError(f"empty context for continuation {cont!r}")
-        reqs.append((tuple(whole[:-1]), cont_ids))
+            raise DataError(f"empty context for continuation {cont!r}: every question needs text")
+        reqs.append((tuple(fit_input(whole[:-1], len(cont_ids), context)), cont_ids))
     return reqs
 
 
@@ -119,7 +135,7 @@ def score_continuations(model: Any, tok: Any, pairs: Sequence[tuple[str, str]], 
 
     Requests with the same input (e.g. the letters " A".." D" after one MMLU question) share one forward pass.
     """
-    reqs = continuation_requests(tok, pairs)
+    reqs = continuation_requests(tok, pairs, context_length(model))
     need: dict[tuple[int, ...], int] = {}  # input -> most positions any of its continuations needs
     by_input: dict[tuple[int, ...], list[int]] = {}
     for k, (inp, cont) in enumerate(reqs):
@@ -150,7 +166,8 @@ def rolling_loglikelihoods(model: Any, tok: Any, texts: Sequence[str], max_lengt
                            desc: str = "perplexity") -> list[tuple[float, int]]:
     """(sum of log-probabilities, number of predicted tokens) of each whole text, truncated to `max_length`
     tokens; every token after the first is predicted. A text of fewer than two tokens gives (0.0, 0)."""
-    seqs = [list(tok(t)["input_ids"])[:max_length] for t in texts]
+    limit = min(max_length, context_length(model) or max_length)
+    seqs = [list(tok(t)["input_ids"])[:limit] for t in texts]
     lengths = [max(0, len(s) - 1) for s in seqs]
     order = sorted((i for i, s in enumerate(seqs) if len(s) >= 2), key=lambda i: -lengths[i])
     out: list[tuple[float, int]] = [(0.0, 0)] * len(seqs)
@@ -176,10 +193,11 @@ def answer_kl(model: Any, tok: Any, chats: Sequence[list[dict[str, str]]], answe
     given answer is not empty, teacher-forced after the chat's prompt, in the order scored (longest first).
     Base is `variant(model, "base")`."""
     items = []  # (chat index, input ids, answer ids)
+    context = context_length(model)
     for i, (chat, ans) in enumerate(zip(chats, answers)):
         if ans:
             full = prompt_ids(tok, chat) + list(ans)
-            items.append((i, full[:-1], list(ans)))
+            items.append((i, fit_input(full[:-1], len(ans), context), list(ans)))
     lengths = [len(x[1]) for x in items]
     keeps = [len(x[2]) for x in items]
     order = sorted(range(len(items)), key=lambda k: -lengths[k])

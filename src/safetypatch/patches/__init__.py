@@ -6,14 +6,17 @@ Import from here (`from ..patches import load_patch`), not from the modules. Not
 """
 
 from .artifact import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PATCH_META, attach_new_patch, check_adapter_dir, check_base,
-                       load_patch, lora_config, patch_info, read_meta, record_evaluation, save_patch, verify_files)
+                       load_patch, lora_config, patch_info, read_meta, read_weights, record_calibration,
+                       record_evaluation, save_patch, update_meta, verify_files)
 from .export import export_gguf, export_peft
 from .merge import apply_patch, merge_into, unmerge, unmerge_patch
 from .ops import delta_weights, lora_deltas, read_adapter, scale_patch, stack_patches
 from .projection import SIDES, project_patch, project_update
+from .schema import check_adapter_config, check_meta, read_adapter_config
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PATCH_META", "SIDES", "apply_patch", "attach_new_patch", "check_adapter_dir",
-           "check_base", "delta_weights", "export_gguf", "export_peft", "load_patch", "lora_config", "lora_deltas",
-           "merge_into", "patch_info", "project_patch", "project_update", "read_adapter", "read_meta",
-           "record_evaluation", "save_patch", "scale_patch", "stack_patches", "unmerge", "unmerge_patch",
-           "verify_files"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PATCH_META", "SIDES", "apply_patch", "attach_new_patch",
+           "check_adapter_config", "check_adapter_dir", "check_base", "check_meta", "delta_weights", "export_gguf",
+           "export_peft", "load_patch", "lora_config", "lora_deltas", "merge_into", "patch_info", "project_patch",
+           "project_update", "read_adapter", "read_adapter_config", "read_meta", "read_weights",
+           "record_calibration", "record_evaluation", "save_patch", "scale_patch", "stack_patches", "unmerge",
+           "unmerge_patch", "update_meta", "verify_files"]

@@ -7,21 +7,24 @@ the weights' sha256 and the base model's fingerprint must match, and only safete
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from .. import __version__
 from ..config import PatchShape, parse_layers
 from ..errors import PatchError
-from ..io_utils import atomic_write_json, sha256_file, staged_dir, utc_now
+from ..io_utils import atomic_write_json, sha256_file, staged_dir, update_json, utc_now
 from ..modeling import fingerprint, fingerprint_differences, fingerprint_like, num_layers
+from .finite import check_finite, check_stored_finite, require_finite, to_storage
+from .schema import check_fits, check_meta, check_plain_lora, parse_json, read_adapter_config, read_json_file
 
 PATCH_META = "patch.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 FORMAT = "safetypatch/1"
+SAVE_CAUSE = "the trained weights (training diverged: lower --lr, check --alpha and the data)"
+T = TypeVar("T")
 
 
 def lora_config(shape: PatchShape, n_layers: int) -> Any:
@@ -60,16 +63,21 @@ def weights_record(weights: Path, dtype: str) -> dict[str, Any]:
 
 def save_patch(peft_model: Any, out_dir: str | Path, meta: dict[str, Any], save_dtype: str = "float32",
                overwrite: bool = False) -> dict[str, Any]:
-    """Write the adapter and patch.json into a temp dir, fsync, then rename into place (never a half patch)."""
+    """Write the adapter and patch.json into a temp dir, fsync, then rename into place (never a half patch).
+    Weights that are not finite, or overflow `save_dtype`, are refused (PatchError) and nothing is written."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     with staged_dir(out_dir, overwrite) as tmp:
         peft_model.save_pretrained(tmp, safe_serialization=True)
+        require_finite(read_json_file(tmp / ADAPTER_CONFIG).get("lora_alpha", 8), "lora_alpha (--alpha)", "save")
         weights = tmp / ADAPTER_WEIGHTS
+        tensors = read_weights(weights)
         if save_dtype != "float32":
-            tensors = {k: v.to(getattr(torch, save_dtype)).contiguous() for k, v in load_file(weights).items()}
+            dtype = getattr(torch, save_dtype)
+            tensors = {k: to_storage(v, dtype, k, "save", SAVE_CAUSE).contiguous() for k, v in tensors.items()}
             save_file(tensors, weights, metadata={"format": "pt"})
+        check_finite(tensors, "save", SAVE_CAUSE)
         full = dict(meta)
         full.setdefault("format", FORMAT)
         full.setdefault("created", utc_now())
@@ -79,6 +87,29 @@ def save_patch(peft_model: Any, out_dir: str | Path, meta: dict[str, Any], save_
         full["base_model"] = {"fingerprint": fingerprint(peft_model), **full.get("base_model", {})}
         atomic_write_json(tmp / PATCH_META, full)
     return full
+
+
+def read_weights(path: Path) -> dict[str, Any]:
+    """The tensors of a safetensors file; PatchError if it is not a readable one."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types
+        raise PatchError(f"{path}: not a readable safetensors file ({str(e)[:200]}); the weights were truncated or "
+                         "damaged: restore the patch from a copy") from None
+
+
+def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} of a safetensors file, from its header; PatchError if it is not a readable one."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types
+        raise PatchError(f"{path}: not a readable safetensors file ({str(e)[:200]}); the weights were truncated or "
+                         "damaged: restore the patch from a copy") from None
 
 
 def read_meta(patch_dir: str | Path) -> dict[str, Any]:
@@ -91,10 +122,7 @@ def read_meta(patch_dir: str | Path) -> dict[str, Any]:
         raise PatchError(f"{p}: no {PATCH_META}, so this is not a safetypatch patch. A plain PEFT adapter loads with "
                          f"peft itself (PeftModel.from_pretrained(base, '{p}')); safetypatch needs the {PATCH_META} "
                          "that `safetypatch train` writes beside the adapter (base-model fingerprint, weights sha256)")
-    try:
-        return json.loads(meta_file.read_text())
-    except json.JSONDecodeError as e:
-        raise PatchError(f"{meta_file}: damaged ({e.msg} at line {e.lineno})") from None
+    return check_meta(read_json_file(meta_file), str(meta_file))
 
 
 def check_adapter_dir(patch_dir: str | Path) -> Path:
@@ -106,27 +134,22 @@ def check_adapter_dir(patch_dir: str | Path) -> Path:
     if pickles:
         raise PatchError(f"{p}: holds pickle file(s) {pickles}; safetypatch loads weights from safetensors only")
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        if not (p / name).exists():
-            raise PatchError(f"{p}: no {name}")
+        if not (p / name).is_file():
+            raise PatchError(f"{p}: no {name}" + (" (a directory is in its place)" if (p / name).exists() else ""))
     return p
 
 
 def verify_files(patch_dir: str | Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Check a patch directory on disk: safetensors weights only, config present, sha256 as recorded."""
+    """Check a patch directory on disk: safetensors weights only, config present, patch.json well formed, sha256 as
+    recorded, and the stored weights finite. Returns patch.json."""
     p = check_adapter_dir(patch_dir)
-    meta = meta if meta is not None else read_meta(p)
-    want = meta.get("weights", {}).get("sha256")
+    meta = check_meta(meta, str(p / PATCH_META)) if meta is not None else read_meta(p)
+    want = meta["weights"]["sha256"]
     have = sha256_file(p / ADAPTER_WEIGHTS)
     if want != have:
-        raise PatchError(f"{p / ADAPTER_WEIGHTS}: sha256 {have[:16]}... does not match {want and want[:16]}... "
+        raise PatchError(f"{p / ADAPTER_WEIGHTS}: sha256 {have[:16]}... does not match {want[:16]}... "
                          "recorded in patch.json: the weights were truncated or edited")
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(p / ADAPTER_WEIGHTS), framework="pt") as f:
-            list(f.keys())
-    except Exception as e:
-        raise PatchError(f"{p / ADAPTER_WEIGHTS}: not a readable safetensors file ({e})") from None
+    check_stored_finite(read_weights(p / ADAPTER_WEIGHTS), str(p / ADAPTER_WEIGHTS))
     return meta
 
 
@@ -142,39 +165,68 @@ def check_base(meta: dict[str, Any], model: Any, patch_dir: str | Path = "") -> 
 
 def load_patch(model: Any, patch_dir: str | Path, verify: bool = True, is_trainable: bool = False,
                adapter_name: str = "default") -> Any:
-    """Attach a patch to `model` after checking its weights' sha256 and the base fingerprint."""
+    """Attach a patch to `model` after checking its weights' sha256 and the base fingerprint (with `verify`), its
+    adapter_config.json against the weights, and that the weights are finite (always)."""
     from peft import PeftModel
 
     p = Path(patch_dir)
     if verify:
-        meta = verify_files(p)
+        meta = verify_files(p)  # the stored weights are finite too
         check_base(meta, model, p)
     else:
         check_adapter_dir(p)
+        check_stored_finite(read_weights(p / ADAPTER_WEIGHTS), str(p / ADAPTER_WEIGHTS))
+    config = read_adapter_config(p / ADAPTER_CONFIG)
+    check_plain_lora(config, str(p / ADAPTER_CONFIG))
+    check_fits(config, weight_shapes(p / ADAPTER_WEIGHTS), str(p / ADAPTER_CONFIG))
     try:
         return PeftModel.from_pretrained(model, str(p), is_trainable=is_trainable, adapter_name=adapter_name)
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise PatchError(f"{p}: does not fit this model (rank or shape mismatch?): {str(e).splitlines()[0]}") from None
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        raise PatchError(f"{p}: does not fit this model (made for another architecture or size?): "
+                         f"{(str(e).splitlines() or [type(e).__name__])[0][:300]}") from None
+
+
+def update_meta(patch_dir: str | Path, change: Callable[[dict[str, Any]], T]) -> T:
+    """Read-modify-write a patch's patch.json: `change(meta)` edits it in place (its result is returned). Under an
+    exclusive lock (`.patch.json.lock` beside it) and written atomically, so concurrent updates (evaluations
+    recorded by several processes, a calibration) are serialised and none is lost. The weights are untouched."""
+    p = Path(patch_dir)
+    read_meta(p)  # a missing or damaged patch.json: PatchError before anything is locked or written
+    where = str(p / PATCH_META)
+
+    def checked(meta: dict[str, Any]) -> T:
+        result = change(meta)
+        check_meta(meta, f"{where} (as updated)")
+        return result
+
+    try:
+        return update_json(p / PATCH_META, checked, parse=lambda data: check_meta(parse_json(data, where), where))
+    except PermissionError as e:
+        raise PatchError(f"{where}: cannot update it ({e.strerror}); make the patch directory writable, or work on a "
+                         "copy of the patch") from None
 
 
 def record_evaluation(patch_dir: str | Path, entry: dict[str, Any]) -> dict[str, Any]:
     """Append an evaluation record (the patch certificate: what was run, judged how, the numbers, when) to
-    patch.json's `evaluations` list. patch.json is rewritten atomically; the weights, and so their sha256, are
-    untouched."""
-    p = Path(patch_dir)
-    meta = read_meta(p)
+    patch.json's `evaluations` list, through `update_meta` (locked, atomic; the weights' sha256 is untouched)."""
     record = {"date": utc_now(), **entry}
-    meta["evaluations"] = [*meta.get("evaluations", []), record]
-    atomic_write_json(p / PATCH_META, meta)
+    update_meta(patch_dir, lambda meta: meta.__setitem__("evaluations", [*meta.get("evaluations", []), record]))
     return record
 
 
 record_certificate = record_evaluation  # the name issue #5 uses
 
 
-def patch_info(patch_dir: str | Path) -> dict[str, Any]:
-    """A summary of a patch for `safetypatch patch info`."""
-    meta = read_meta(patch_dir)
+def record_calibration(patch_dir: str | Path, record: dict[str, Any]) -> dict[str, Any]:
+    """Set patch.json's `calibration` to `record` through `update_meta` (locked, atomic); returns the record."""
+    update_meta(patch_dir, lambda meta: meta.__setitem__("calibration", record))
+    return record
+
+
+def patch_info(patch_dir: str | Path, verify: bool = True) -> dict[str, Any]:
+    """A summary of a patch for `safetypatch patch info`, after `verify_files` (sha256, safetensors only, finite
+    weights) unless `verify` is False; `verified` says which."""
+    meta = verify_files(patch_dir) if verify else read_meta(patch_dir)
     shape = meta.get("shape", {})
     return {
         "path": str(patch_dir),
@@ -184,6 +236,7 @@ def patch_info(patch_dir: str | Path) -> dict[str, Any]:
         "rank": shape.get("rank"), "alpha": shape.get("alpha"),
         "modules": shape.get("target_modules"), "layers": shape.get("layers"),
         "bytes": meta.get("weights", {}).get("bytes"), "sha256": meta.get("weights", {}).get("sha256"),
+        "verified": verify,
         "training": meta.get("training", {}), "evaluations": meta.get("evaluations", []),
         "calibration": meta.get("calibration"),
     }

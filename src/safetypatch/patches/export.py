@@ -11,15 +11,14 @@ does), which needs the base model's head counts.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from ..errors import ModelError, OutputExistsError, PatchError
-from ..io_utils import fsync_dir
+from ..errors import ModelError, PatchError
+from ..io_utils import check_output, staged_file
 from ..modeling import resolve_model
 from .artifact import verify_files
+from .finite import to_storage
 from .ops import Delta, layer_of, leaf_of, lora_deltas, peft_key, read_adapter, write_adapter_dir
 
 if TYPE_CHECKING:
@@ -53,7 +52,7 @@ def export_peft(patch_dir: str | Path, out_dir: str | Path, max_lora_rank: int =
     config, _ = read_adapter(patch_dir)
     deltas = lora_deltas(patch_dir)
     if _is_standard(config):
-        rank, alpha = int(config["r"]), float(config["lora_alpha"])
+        rank, alpha = int(config["r"]), float(config.get("lora_alpha", 8))
         tensors = {peft_key(m, ab): t for m, (a, b, _) in deltas.items() for ab, t in (("A", a), ("B", b))}
     else:  # one rank and scale for all: r = max rank (zero-padded), alpha = r (scale 1), scales folded into lora_B
         rank = max(a.shape[0] for a, _, _ in deltas.values())
@@ -62,7 +61,8 @@ def export_peft(patch_dir: str | Path, out_dir: str | Path, max_lora_rank: int =
         for m, (a, b, s) in deltas.items():
             pad = rank - a.shape[0]
             tensors[peft_key(m, "A")] = torch.cat([a, a.new_zeros(pad, a.shape[1])], dim=0)
-            b_scaled = (b.to(torch.float32) * s).to(b.dtype)
+            b_scaled = to_storage(b.to(torch.float32) * s, b.dtype, peft_key(m, "B"), "export",
+                                  f"folding the scale {s:g} of {patch_dir}")
             tensors[peft_key(m, "B")] = torch.cat([b_scaled, b.new_zeros(b.shape[0], pad)], dim=1)
     clean = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
@@ -72,7 +72,8 @@ def export_peft(patch_dir: str | Path, out_dir: str | Path, max_lora_rank: int =
         "base_model_name_or_path": config.get("base_model_name_or_path") or meta.get("base_model", {}).get("spec"),
         "inference_mode": True, "init_lora_weights": True,
     }
-    write_adapter_dir(out_dir, clean, tensors, meta=None, overwrite=overwrite)
+    write_adapter_dir(out_dir, clean, tensors, meta=None, overwrite=overwrite, op="export",
+                      cause=f"the patch {patch_dir}")
     warnings = []
     if rank > max_lora_rank:
         hint = _rank_hint(rank)
@@ -149,6 +150,7 @@ def _gguf_tensors(deltas: Mapping[str, Delta], alpha: float, arch: str, heads: t
                   dtype: str) -> dict[str, "np.ndarray"]:
     """{`blk.i.x.weight.lora_a`: (r, in), `...lora_b`: (out, r)} with each module's scale folded so that
     llama.cpp's alpha / rank gives it back."""
+    import numpy as np
     import torch
 
     out = {}
@@ -157,8 +159,12 @@ def _gguf_tensors(deltas: Mapping[str, Delta], alpha: float, arch: str, heads: t
         a32, b32 = a.to(torch.float32), b.to(torch.float32) * (s * a.shape[0] / alpha)
         if heads is not None and leaf_of(module) in ("q_proj", "k_proj"):
             b32 = permute_rows(b32, heads[0], heads[0] if leaf_of(module) == "q_proj" else heads[1])
-        out[name + ".lora_a"] = a32.contiguous().numpy().astype(dtype)
-        out[name + ".lora_b"] = b32.contiguous().numpy().astype(dtype)
+        for suffix, t in ((".lora_a", a32), (".lora_b", b32)):
+            arr = t.contiguous().numpy().astype(dtype)
+            if not np.isfinite(arr).all():
+                raise PatchError(f"export: {name}{suffix} is beyond the range of {dtype} (|x| up to "
+                                 f"{float(t.abs().max()):.3g}) or not finite; export with --dtype float32")
+            out[name + suffix] = arr
     return out
 
 
@@ -172,13 +178,13 @@ def export_gguf(patch_dir: str | Path, out_file: str | Path, arch: str = "llama"
     if dtype not in ("float32", "float16"):
         raise PatchError(f"GGUF export dtype must be float32 or float16, got {dtype!r}")
     out = Path(out_file)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out} already exists; choose another output file")
+    check_output(out, overwrite, "file")  # fail fast; checked again under the output's lock when writing
     _gguf_arch(arch)
     meta = verify_files(patch_dir)
     config, _ = read_adapter(patch_dir)
     deltas = lora_deltas(patch_dir)
-    alpha = float(config["lora_alpha"]) if _is_standard(config) else float(max(a.shape[0] for a, _, _ in deltas.values()))
+    alpha = (float(config.get("lora_alpha", 8)) if _is_standard(config)
+             else float(max(a.shape[0] for a, _, _ in deltas.values())))
     warnings: list[str] = []
     has_qk = any(leaf_of(m) in ("q_proj", "k_proj") for m in deltas)
     heads = None
@@ -188,19 +194,17 @@ def export_gguf(patch_dir: str | Path, out_file: str | Path, arch: str = "llama"
         warnings.append(f"q_proj / k_proj rows written in HF order for {arch!r}; llama.cpp's converter permutes "
                         f"them only for {', '.join(PERMUTE_QK_ARCHS)}")
     tensors = _gguf_tensors(deltas, alpha, arch, heads, dtype)
-    _write_gguf(out, arch, alpha, tensors, name=Path(patch_dir).name)
+    _write_gguf(out, arch, alpha, tensors, name=Path(patch_dir).name, overwrite=overwrite)
     return warnings
 
 
-def _write_gguf(out: Path, arch: str, alpha: float, tensors: Mapping[str, "np.ndarray"], name: str) -> None:
-    """GGUFWriter into a temp file beside `out`, fsync, then os.replace."""
+def _write_gguf(out: Path, arch: str, alpha: float, tensors: Mapping[str, "np.ndarray"], name: str,
+                overwrite: bool = False) -> None:
+    """GGUFWriter into a temp file beside `out`, committed by `io_utils.staged_file` (locked, atomic)."""
     import gguf
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    os.close(fd)
-    try:
-        w = gguf.GGUFWriter(tmp, arch)
+    with staged_file(out, overwrite) as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch)
         w.add_type(gguf.GGUFType.ADAPTER)
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
@@ -211,10 +215,3 @@ def _write_gguf(out: Path, arch: str, alpha: float, tensors: Mapping[str, "np.nd
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -7,7 +7,6 @@ factors, the same way at merge and at unmerge time.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -17,6 +16,7 @@ from ..io_utils import atomic_write_json, sha256_file, staged_dir, utc_now
 from ..modeling import fingerprint, fingerprint_differences, fingerprint_like, load_model
 from .artifact import check_base, load_patch, verify_files
 from .ops import lora_deltas
+from .schema import OBJ, SHA256, STR, check_fields, read_json_file
 
 if TYPE_CHECKING:
     import torch
@@ -40,6 +40,8 @@ def unmerge(peft_model: Any) -> Any:
 # ------------------------------------------------------------------------------------------ merged model dirs
 RESTORE_DIR = "safetypatch_unmerge"  # a sub-directory: serving tools that glob *.safetensors never see it
 RESTORE_FILE = "corrections.safetensors"
+MERGE_RECORD = {"patch": OBJ, "patch.sha256": SHA256, "unmerge_corrections": OBJ, "unmerge_corrections.file": STR,
+                "unmerge_corrections.sha256": STR}
 
 
 def _delta64(a: "torch.Tensor", b: "torch.Tensor", scale: float) -> "torch.Tensor":
@@ -79,6 +81,9 @@ def _merge_weights(model: Any, patch_dir: str | Path, where: str) -> dict[str, "
         for name, mod, dw in _patched_weights(model, patch_dir, where):
             w = mod.weight.data
             merged = (w.to(torch.float64) + dw).to(w.dtype)
+            if bool((~torch.isfinite(merged) & torch.isfinite(w)).any()):
+                raise PatchError(f"merge: {name}.weight + the patch's update is beyond the range of {w.dtype} (|dW| up "
+                                 f"to {float(dw.abs().max()):.3g}); nothing was written")
             restored = (merged.to(torch.float64) - dw).to(w.dtype)
             lost = (_bits(restored) != _bits(w)).reshape(-1).nonzero().squeeze(1)
             if lost.numel():
@@ -128,14 +133,11 @@ def _merge_record(merged_spec: str, patch_dir: str | Path, meta: Mapping[str, An
     path = Path(merged_spec) / "merged_from.json"
     if not path.exists():
         return {}
-    try:
-        rec = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise PatchError(f"{path}: damaged ({e.msg} at line {e.lineno})") from None
-    if rec.get("patch", {}).get("sha256") != meta["weights"]["sha256"]:
+    rec = read_json_file(path)
+    check_fields(rec, MERGE_RECORD, ("patch.sha256",), str(path))
+    if rec["patch"]["sha256"] != meta["weights"]["sha256"]:
         raise PatchError(f"{merged_spec}: merged_from.json says it was merged with patch "
-                         f"{str(rec.get('patch', {}).get('sha256'))[:16]}..., not {patch_dir} "
-                         f"({meta['weights']['sha256'][:16]}...)")
+                         f"{rec['patch']['sha256'][:16]}..., not {patch_dir} ({meta['weights']['sha256'][:16]}...)")
     return rec
 
 
@@ -145,7 +147,7 @@ def _read_corrections(merged_dir: Path, rec: Mapping[str, Any]) -> tuple[dict[st
 
     info = rec.get("unmerge_corrections") or {}
     path = merged_dir / str(info.get("file", f"{RESTORE_DIR}/{RESTORE_FILE}"))
-    if not info or not path.exists():
+    if not info or not path.is_file():
         return {}, False
     if sha256_file(path) != info.get("sha256"):
         raise PatchError(f"{path}: sha256 does not match merged_from.json (edited or damaged)")

@@ -9,8 +9,6 @@ the largest are padded with zero rows / columns.
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -19,14 +17,15 @@ from .. import __version__
 from ..errors import PatchError
 from ..io_utils import atomic_write_json, staged_dir, utc_now
 from ..modeling import fingerprint_differences
-from .artifact import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT, PATCH_META, check_adapter_dir, verify_files,
-                       weights_record)
+from .artifact import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT, PATCH_META, check_adapter_dir, read_weights,
+                       verify_files, weights_record)
+from .finite import check_finite, check_stored_finite, require_finite, to_storage
+from .schema import LORA_KEY, check_fits, check_plain_lora, module_scale, read_adapter_config
 
 if TYPE_CHECKING:
     import torch
 
 PEFT_PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
 _LAYER = re.compile(r"^(?P<head>(?:.*\.)?(?:layers|h|blocks|layer)\.)(?P<idx>\d+)(?P<tail>\..+)$")
 
 AdapterState = tuple[dict[str, Any], dict[str, "torch.Tensor"]]  # (adapter_config, tensors)
@@ -35,46 +34,19 @@ Delta = tuple["torch.Tensor", "torch.Tensor", float]  # (A: r x in, B: out x r, 
 
 # ------------------------------------------------------------------------------------------------ reading
 def read_adapter(patch_dir: str | Path) -> AdapterState:
-    """adapter_config.json and the adapter's tensors (safetensors only) of a patch or plain PEFT adapter dir."""
-    from safetensors.torch import load_file
-
+    """adapter_config.json and the adapter's tensors (safetensors only) of a patch or plain PEFT adapter dir;
+    PatchError for a damaged config (or one that does not match the weights), unreadable weights, or weights that
+    are not finite."""
     p = check_adapter_dir(patch_dir)
-    try:
-        config = json.loads((p / ADAPTER_CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise PatchError(f"{p / ADAPTER_CONFIG}: damaged ({e.msg} at line {e.lineno})") from None
-    try:
-        tensors = load_file(str(p / ADAPTER_WEIGHTS))
-    except Exception as e:  # safetensors raises its own error types
-        raise PatchError(f"{p / ADAPTER_WEIGHTS}: not a readable safetensors file ({e})") from None
+    config = read_adapter_config(p / ADAPTER_CONFIG)
+    tensors = read_weights(p / ADAPTER_WEIGHTS)
+    check_stored_finite(tensors, str(p / ADAPTER_WEIGHTS))
+    check_fits(config, {k: tuple(v.shape) for k, v in tensors.items()}, str(p / ADAPTER_CONFIG))
     return config, tensors
 
 
-def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key)."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def module_scale(config: Mapping[str, Any], module: str, rank: int | None = None) -> float:
-    """The LoRA scale of one module: alpha / r (alpha / sqrt(r) with rslora), honoring rank / alpha patterns."""
-    r = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", 8))
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
-    if rank is not None and rank != r:
-        raise PatchError(f"module {module}: adapter_config says rank {r} but lora_A has {rank} rows")
-    return float(alpha) / (math.sqrt(r) if config.get("use_rslora") else r)
-
-
 def _check_plain_lora(config: Mapping[str, Any], where: str) -> None:
-    if config.get("peft_type", "LORA") != "LORA":
-        raise PatchError(f"{where}: peft_type {config.get('peft_type')!r} is not LORA")
-    for flag, what in (("use_dora", "DoRA"), ("lora_bias", "LoRA bias")):
-        if config.get(flag):
-            raise PatchError(f"{where}: {what} adapters are not supported (their update is not scale * B @ A)")
-    if config.get("bias", "none") != "none":
-        raise PatchError(f"{where}: adapters that train biases (bias={config.get('bias')!r}) are not supported")
+    check_plain_lora(config, where)
     if config.get("fan_in_fan_out"):
         raise PatchError(f"{where}: fan_in_fan_out (Conv1D) adapters are not supported")
 
@@ -91,7 +63,7 @@ def lora_deltas(patch_dir_or_state: str | Path | AdapterState) -> dict[str, Delt
     _check_plain_lora(config, where)
     parts: dict[str, dict[str, Any]] = {}
     for key, t in tensors.items():
-        m = _LORA_KEY.match(key)
+        m = LORA_KEY.match(key)
         if not m:
             raise PatchError(f"{where}: holds a weight that is not a LoRA factor ({key}; modules_to_save or trainable "
                              "tokens?); only plain LoRA patches are supported here")
@@ -142,12 +114,16 @@ def adapter_tensors(deltas: Mapping[str, tuple["torch.Tensor", "torch.Tensor"]])
 
 
 def write_adapter_dir(out_dir: str | Path, config: Mapping[str, Any], tensors: Mapping[str, "torch.Tensor"],
-                      meta: Mapping[str, Any] | None = None, overwrite: bool = False) -> dict[str, Any] | None:
+                      meta: Mapping[str, Any] | None = None, overwrite: bool = False, op: str = "write",
+                      cause: str = "the source patch") -> dict[str, Any] | None:
     """Write adapter_config.json + adapter_model.safetensors (+ patch.json when `meta` is given) atomically.
 
+    Refuses (PatchError naming `op` and `cause`, nothing written) tensors or a lora_alpha that are not finite.
     patch.json gets `format`, `created` and `weights` {file, sha256, bytes, dtype} filled in; returns it."""
     from safetensors.torch import save_file
 
+    check_finite(tensors, op, cause)
+    require_finite(config.get("lora_alpha", 8), "lora_alpha", op)
     full = None
     with staged_dir(out_dir, overwrite) as tmp:
         atomic_write_json(tmp / ADAPTER_CONFIG, dict(config))
@@ -237,7 +213,8 @@ def stack_patches(paths: Sequence[str | Path], weights: Sequence[float] | None, 
     paths = [Path(p) for p in paths]
     if not paths:
         raise PatchError("stack: give at least one patch")
-    weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
+    weights = [1.0] * len(paths) if weights is None else [require_finite(w, f"weight {i + 1}", "stack")
+                                                          for i, w in enumerate(weights)]
     if len(weights) != len(paths):
         raise PatchError(f"stack: {len(weights)} weight(s) for {len(paths)} patch(es)")
     metas = [_part_meta(p) for p in paths]
@@ -263,7 +240,8 @@ def stack_patches(paths: Sequence[str | Path], weights: Sequence[float] | None, 
         "stack": [{"path": str(p), "sha256": m["weights"]["sha256"], "weight": w}
                   for p, m, w in zip(paths, metas, weights)],
     }
-    written = write_adapter_dir(out_dir, config, adapter_tensors(stacked), meta, overwrite=overwrite)
+    written = write_adapter_dir(out_dir, config, adapter_tensors(stacked), meta, overwrite=overwrite, op="stack",
+                                cause=f"the weights {', '.join(f'{w:g}' for w in weights)} of {len(paths)} patch(es)")
     assert written is not None
     return written
 
@@ -273,16 +251,19 @@ def scale_patch(path: str | Path, factor: float, out_dir: str | Path, overwrite:
     """The same patch with every dW multiplied by `factor` (folded into lora_B). Returns the new patch.json."""
     import torch
 
+    factor = require_finite(factor, "factor", "scale")
     path = Path(path)
     meta = verify_files(path)
     config, tensors = read_adapter(path)
     lora_deltas((config, tensors))  # refuses anything that is not a plain LoRA adapter
     scaled = {}
     for key, t in tensors.items():
-        m = _LORA_KEY.match(key)
-        scaled[key] = (t.to(torch.float32) * float(factor)).to(t.dtype) if m and m["ab"] == "B" else t
+        m = LORA_KEY.match(key)
+        scaled[key] = (to_storage(t.to(torch.float32) * factor, t.dtype, key, "scale", f"the factor {factor:g}")
+                       if m and m["ab"] == "B" else t)
     new_meta = {k: meta[k] for k in ("base_model", "shape", "stack") if k in meta}
-    new_meta.update(scaled_from={"path": str(path), "sha256": meta["weights"]["sha256"]}, factor=float(factor))
-    written = write_adapter_dir(out_dir, config, scaled, new_meta, overwrite=overwrite)
+    new_meta.update(scaled_from={"path": str(path), "sha256": meta["weights"]["sha256"]}, factor=factor)
+    written = write_adapter_dir(out_dir, config, scaled, new_meta, overwrite=overwrite, op="scale",
+                                cause=f"the factor {factor:g}")
     assert written is not None
     return written

@@ -17,6 +17,7 @@ from typing import Any
 from ..errors import ConfigError, PatchError
 from ..modeling import SVDCache, load_model
 from .artifact import check_base, verify_files
+from .finite import to_storage
 from .ops import lora_deltas, peft_key, read_adapter, write_adapter_dir
 
 SIDES = ("column", "row", "both")
@@ -52,6 +53,8 @@ def project_patch(patch_dir: str | Path, model: Any, k: int, out_dir: str | Path
 
     if side not in SIDES:
         raise ConfigError(f"--side must be one of {SIDES}, got {side!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"--k must be an integer >= 1 (the size of the protected subspace), got {k!r}")
     meta = verify_files(patch_dir)
     if isinstance(model, str):
         model, _ = load_model(model)
@@ -74,11 +77,13 @@ def project_patch(patch_dir: str | Path, model: Any, k: int, out_dir: str | Path
         total += float(dw.pow(2).sum())
         kept_num += float(proj.pow(2).sum())
         new_a, new_b = refactor(proj, a.shape[0], scale)
-        new_tensors[peft_key(module, "A")] = new_a.to(store).contiguous()
-        new_tensors[peft_key(module, "B")] = new_b.to(store).contiguous()
+        for ab, t in (("A", new_a), ("B", new_b)):
+            key = peft_key(module, ab)
+            new_tensors[key] = to_storage(t, store, key, "project", f"projecting {patch_dir}").contiguous()
     new_meta = {key: meta[key] for key in ("base_model", "shape", "recipe") if key in meta}
     new_meta["derived_from"] = {"path": str(patch_dir), "sha256": meta["weights"]["sha256"], "operation": "project",
                                 "k": k, "side": side, "retained_energy": kept_num / total if total else 0.0}
-    written = write_adapter_dir(out_dir, config, new_tensors, new_meta, overwrite=overwrite)
+    written = write_adapter_dir(out_dir, config, new_tensors, new_meta, overwrite=overwrite, op="project",
+                                cause=f"projecting {patch_dir}")
     assert written is not None
     return written

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..config import PatchShape
+from ..config import SEED_MAX, PatchShape
 from ..data.builtin import DEV_BENIGN, DEV_HARMFUL
 from ..errors import ConfigError
 
@@ -31,42 +31,52 @@ class TrainConfig(PatchShape):
         metadata={"help": "benign anchor prompts answered by the base model itself ('builtin', a file, or 'none')"},
     )
     benign_loss: str = field(default="ce", metadata={"help": "anchor objective: 'ce' (self-distillation) or 'kl'"})
-    benign_weight: float = field(default=6.0, metadata={"help": "weight of the anchor loss"})
-    decision_tokens: int = field(default=4, metadata={"help": "first N response tokens get extra weight "
-                                                                  "(where refuse-or-answer is decided); 0: off"})
-    decision_weight: float = field(default=4.0, metadata={"help": "loss weight of those first response tokens"})
-    anchor_tokens: int = field(default=48, metadata={"help": "max tokens of the base model's answer used as anchor"})
+    benign_weight: float = field(default=6.0, metadata={"min": 0, "help": "weight of the anchor loss"})
+    decision_tokens: int = field(default=4, metadata={"min": 0, "help": "first N response tokens get extra weight "
+                                                             "(where refuse-or-answer is decided); 0: off"})
+    decision_weight: float = field(default=4.0, metadata={
+        "min": 0, "help": "loss weight of those first response tokens"})
+    anchor_tokens: int = field(default=48, metadata={
+        "min": 1, "help": "max tokens of the base model's answer used as anchor"})
     init: str = field(default="lda", metadata={"help": "LoRA A init: 'default' (PEFT's), 'contrast' "
                                                              "(harmful-minus-benign input direction) or 'lda' "
                                                              "(that direction whitened: Fisher's discriminant)"})
     freeze_a: bool = field(default=True, metadata={"help": "keep LoRA A fixed at its init (train B only)"})
     mix: str | None = field(default=None, metadata={"help": "general-purpose prompt/response file mixed into training"})
-    mix_ratio: float = field(default=0.0, metadata={"help": "fraction of mixed examples in the training set"})
-    lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
+    mix_ratio: float = field(default=0.0, metadata={
+        "min": 0, "lt": 1, "help": "fraction of mixed examples in the training set"})
+    lr: float = field(default=2e-3, metadata={"gt": 0, "help": "peak learning rate"})
     schedule: str = field(default="cosine", metadata={"help": "'cosine', 'linear' or 'constant' (with warmup)"})
-    warmup_ratio: float = field(default=0.05, metadata={"help": "fraction of steps spent warming up"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    epochs: float = field(default=3.0, metadata={"help": "passes over the training set (fractions allowed)"})
-    batch_size: int = field(default=8, metadata={"help": "examples per micro-batch"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    max_length: int = field(default=256, metadata={"help": "truncate examples to this many tokens"})
-    seed: int = field(default=0, metadata={"help": "seed for splits, shuffling and initialisation"})
-    eval_every: int = field(default=10, metadata={"help": "steps between dev checks for early stopping (0: per epoch)"})
-    patience: int = field(default=0, metadata={"help": "dev checks without improvement before stopping (0: never)"})
+    warmup_ratio: float = field(default=0.05, metadata={
+        "min": 0, "max": 1, "help": "fraction of steps spent warming up"})
+    weight_decay: float = field(default=0.0, metadata={"min": 0, "help": "AdamW weight decay"})
+    epochs: float = field(default=3.0, metadata={"gt": 0, "help": "passes over the training set (fractions allowed)"})
+    batch_size: int = field(default=8, metadata={"min": 1, "help": "examples per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"min": 1, "help": "micro-batches per optimizer step"})
+    max_length: int = field(default=256, metadata={"min": 1, "help": "truncate examples to this many tokens"})
+    seed: int = field(default=0, metadata={
+        "min": 0, "max": SEED_MAX, "help": "seed for splits, shuffling and initialisation"})
+    eval_every: int = field(default=10, metadata={
+        "min": 0, "help": "steps between dev checks for early stopping (0: per epoch)"})
+    patience: int = field(default=0, metadata={
+        "min": 0, "help": "dev checks without improvement before stopping (0: never)"})
     dev_harmful: str = field(default=DEV_HARMFUL, metadata={"help": "harmful prompts for early stopping"})
     dev_benign: str = field(default=DEV_BENIGN, metadata={"help": "benign prompts for early stopping"})
-    dev_size: int = field(default=100, metadata={"help": "dev prompts per side used for early stopping"})
-    dev_tokens: int = field(default=24, metadata={"help": "tokens generated per dev prompt for early stopping"})
-    overlap_beta: float = field(default=0.0, metadata={"help": "weight of the overlap regularizer "
-                                                         "(penalty on dW inside W0's top-k subspace); 0: off"})
-    overlap_k: int = field(default=16, metadata={"help": "top-k singular subspace the overlap regularizer protects"})
+    dev_size: int = field(default=100, metadata={"min": 1, "help": "dev prompts per side used for early stopping"})
+    dev_tokens: int = field(default=24, metadata={
+        "min": 1, "help": "tokens generated per dev prompt for early stopping"})
+    overlap_beta: float = field(default=0.0, metadata={"min": 0, "help": "weight of the overlap regularizer "
+                                                                  "(penalty on dW inside W0's top-k subspace); 0: off"})
+    overlap_k: int = field(default=16, metadata={
+        "min": 1, "help": "top-k singular subspace the overlap regularizer protects"})
     overlap_side: str = field(default="both", metadata={"help": "overlap regularizer side: column, row or both"})
     overlap_variant: str = field(default="normalized", metadata={"help": "overlap regularizer weighting: "
                                                                  "'uniform' (no S_k) or 'normalized' (S_k / s_1)"})
-    dev_penalty: float = field(default=10.0, metadata={"help": "early-stopping score: harmful refusal minus this "
-                                                       "times the benign over-refusal beyond the tolerance"})
-    dev_tolerance: float = field(default=0.0, metadata={"help": "benign refusal above the base model's that the "
-                                                         "early-stopping score forgives"})
+    dev_penalty: float = field(default=10.0, metadata={
+        "min": 0, "help": "early-stopping score: harmful refusal minus this times the benign over-refusal beyond "
+                          "the tolerance"})
+    dev_tolerance: float = field(default=0.0, metadata={
+        "min": 0, "max": 1, "help": "benign refusal above the base model's that the early-stopping score forgives"})
     bf16: str = field(default="auto", metadata={"help": "bf16 autocast: 'auto' (when the CPU/GPU supports it), 'yes', 'no'"})
     response_only_logits: bool = field(default=True, metadata={"help": "apply lm_head to response tokens only"})
     group_by_length: bool = field(default=True, metadata={"help": "batch examples of similar length together"})
@@ -76,7 +86,7 @@ class TrainConfig(PatchShape):
                 "every epoch (training runs from the first patched layer up)"})
     prefix_cache_dtype: str = field(default="float32", metadata={
         "help": "dtype of the cached hidden states: 'float32' (exact) or 'bfloat16' (half the memory)"})
-    prefix_cache_max_mb: float = field(default=2048.0, metadata={
+    prefix_cache_max_mb: float = field(default=2048.0, metadata={"min": 0,
         "help": "largest prefix cache kept in memory (MB); a bigger one is skipped and the layers recomputed"})
     bf16_frozen_weights: bool = field(default=True, metadata={
         "help": "under bf16 autocast, hold frozen linear weights in bf16 while training (autocast would re-cast "
@@ -110,13 +120,6 @@ class TrainConfig(PatchShape):
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{where}: field '{name}' must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("lr", "epochs", "batch_size", "grad_accum", "max_length", "anchor_tokens"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{where}: field '{name}' must be > 0, got {getattr(self, name)}")
-        if not 0.0 <= self.mix_ratio < 1.0:
-            raise ConfigError(f"{where}: field 'mix_ratio' must be in [0, 1), got {self.mix_ratio}")
-        if self.overlap_beta < 0 or self.overlap_k < 1:
-            raise ConfigError(f"{where}: fields 'overlap_beta' must be >= 0 and 'overlap_k' >= 1")
         if self.overlap_beta > 0 and self.method != "lora":
             raise ConfigError(f"{where}: the overlap regularizer ('overlap_beta') applies to method 'lora' only")
         if self.mix_ratio > 0 and not self.mix:

@@ -25,8 +25,9 @@ def lora_modules(model: Any) -> dict[str, Any]:
 
 
 def mean_inputs(model: Any, tok: Any, records: list[Record], modules: dict[str, Any], tail: int = 5,
-                batch_size: int = 16, second_moment: bool = False) -> dict[str, Any]:
-    """Mean input of each module over the last `tail` prompt tokens (left-padded batches, adapter off).
+                batch_size: int = 16, second_moment: bool = False, max_length: int | None = None) -> dict[str, Any]:
+    """Mean input of each module over the last `tail` prompt tokens (left-padded batches, adapter off). A prompt
+    longer than `max_length` tokens keeps its last `max_length` (as training truncates prompts from the left).
 
     With `second_moment`, values are (mean, E[x x^T]) pairs, for a within-class covariance.
     """
@@ -51,6 +52,7 @@ def mean_inputs(model: Any, tok: Any, records: list[Record], modules: dict[str, 
     device = next(model.parameters()).device
     try:
         encoded = [prompt_ids(tok, r.chat()) for r in records]
+        encoded = [ids[-max_length:] for ids in encoded] if max_length else encoded
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         for i in range(0, len(encoded), batch_size):
             chunk = encoded[i: i + batch_size]
@@ -72,7 +74,8 @@ def mean_inputs(model: Any, tok: Any, records: list[Record], modules: dict[str, 
 
 
 def contrast_init(model: Any, tok: Any, harmful: list[Record], benign: list[Record], tail: int = 5,
-                  adapter: str = "default", lda: bool = False, shrinkage: float = 0.1) -> dict[str, float]:
+                  adapter: str = "default", lda: bool = False, shrinkage: float = 0.1,
+                  max_length: int | None = None) -> dict[str, float]:
     """Set the rows of each LoRA A to benign-orthogonal harmful-minus-benign input directions.
 
     Row i gets the direction of harmful group i (see `harmful_groups`); rows beyond the number of groups keep
@@ -90,8 +93,9 @@ def contrast_init(model: Any, tok: Any, harmful: list[Record], benign: list[Reco
     modules = lora_modules(model)
     rank = next(iter(modules.values())).lora_A[adapter].weight.shape[0] if modules else 1
     groups = harmful_groups(harmful, rank)
-    stats_hs = [mean_inputs(model, tok, g, modules, tail, second_moment=True) for g in groups]
-    stats_b = mean_inputs(model, tok, benign, modules, tail, second_moment=True)
+    stats_hs = [mean_inputs(model, tok, g, modules, tail, second_moment=True, max_length=max_length)
+                for g in groups]
+    stats_b = mean_inputs(model, tok, benign, modules, tail, second_moment=True, max_length=max_length)
     report = {}
     with torch.no_grad():
         for name, mod in modules.items():

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence, TypeVar
 
 from ...config import GenerationConfig
+from ...data.paths import path_exists
 from ...errors import SuiteError
 from ...judges import Judge
 from ...modeling import Chat, Generation
@@ -136,7 +137,7 @@ class SuiteEntry:
     def load(self, ctx: LoadContext) -> Prepared | None:
         """The entry's items (None, with a note, when its file is missing)."""
         local = data_path(str(self.path), ctx.root)
-        if not local.exists():
+        if not path_exists(local):
             hint = "" if ctx.root else " (relative paths are read under --data-root / $SAFETYPATCH_DATA)"
             ctx.notes.append(f"skipped {self.name}: {local} not found{hint}")
             return None

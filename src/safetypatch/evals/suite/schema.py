@@ -26,6 +26,8 @@ from typing import Any, Callable
 import yaml
 
 from ...config import GenerationConfig, from_dict
+from ...data.paths import missing_path_hint, path_exists
+from ...data.text import check_json_unicode, read_text
 from ...errors import ConfigError, SuiteError
 from ...judges import JUDGES
 from .entry import ENTRY_TYPES, JudgeSpec, SuiteEntry
@@ -51,9 +53,9 @@ def list_suites() -> list[str]:
 def suite_path(spec: str) -> Path:
     """A shipped suite by name, or a YAML file by path."""
     p = Path(spec).expanduser()
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.is_file():
-            raise SuiteError(f"{p}: no such suite file")
+    if p.suffix in (".yaml", ".yml") or path_exists(p):
+        if not (path_exists(p) and p.is_file()):
+            raise SuiteError(f"{p}: no such suite file{missing_path_hint(spec)}")
         return p
     shipped = SUITES_DIR / f"{spec}.yaml"
     if not shipped.exists():
@@ -135,7 +137,7 @@ def entry_class(raw: dict[str, Any], where: str) -> type[SuiteEntry]:
                          f"for a safety entry), got {etype!r}")
     cls = ENTRY_TYPES[etype]
     known = {"type"} | {f.name for f in fields(cls)}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(map(str, set(raw) - known))
     if unknown:
         raise SuiteError(f"{where}: unknown field(s) {unknown} for a {etype} entry; known: {sorted(known)}")
     return cls
@@ -181,14 +183,20 @@ def parse_entry(raw: Any, i: int, source: str) -> SuiteEntry:
 
 # ---------------------------------------------------------------------------------------------- the file
 def read_mapping(path: Path) -> dict[str, Any]:
+    """The suite file's top-level mapping (UTF-8 with or without a BOM); errors name the file."""
     source = str(path)
+    text = read_text(path, SuiteError)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise SuiteError(f"{source}: not valid YAML: {e}") from None
+    except (ValueError, RecursionError) as e:  # a value YAML accepts but Python cannot build (date 2020-13-45)
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise SuiteError(f"{source}: not usable YAML ({why})") from None
     if not isinstance(data, dict):
         raise SuiteError(f"{source}: expected a mapping with 'entries' at the top level")
-    unknown = sorted(set(data) - set(TOP_LEVEL))
+    check_json_unicode(text, data, source, SuiteError)  # a "\ud800" escape: no character, unwritable as UTF-8
+    unknown = sorted(map(str, set(data) - set(TOP_LEVEL)))
     if unknown:
         raise SuiteError(f"{source}: unknown top-level field(s) {unknown}; known: {', '.join(TOP_LEVEL)}")
     return data
@@ -196,7 +204,7 @@ def read_mapping(path: Path) -> dict[str, Any]:
 
 def generation_settings(value: Any, source: str) -> GenerationConfig:
     gen = value or {}
-    if not isinstance(gen, dict):
+    if not isinstance(gen, dict) or not all(isinstance(k, str) for k in gen):
         raise SuiteError(f"{source}: field 'generation' must be a mapping (max_new_tokens, batch_size, ...)")
     try:
         return from_dict(GenerationConfig, gen, where=f"{source}: generation")

@@ -7,9 +7,10 @@ import csv
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 from ...data.readers import iter_objects, iter_rows
+from ...data.text import open_text, read_text
 from ...errors import DataError
 
 LETTERS = "ABCDEFGHIJ"
@@ -25,17 +26,27 @@ class MCItem:
     subject: str = ""
 
 
+def _csv_lines(reader: Any, path: Path) -> Iterator[list[str]]:
+    """The rows of a csv.reader; a csv.Error names the file and the line."""
+    try:
+        yield from reader
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num}: not readable as CSV ({e}); an unclosed quote makes the rest of "
+                        "the file one field: close it") from None
+
+
 def _mmlu_file(path: Path) -> list[MCItem]:
     subject = path.name.removesuffix("_test.csv").removesuffix(".csv")
     out = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for line, row in enumerate(csv.reader(f), 1):
+    with open_text(path, newline="") as f:
+        reader = csv.reader(f)
+        for line, row in enumerate(_csv_lines(reader, path), 1):  # the row number (the item's id), as before
             if len(row) != 6:
-                raise DataError(f"{path}:{line}: expected 6 columns (question, A, B, C, D, answer letter), "
+                raise DataError(f"{path}:{reader.line_num}: expected 6 columns (question, A, B, C, D, answer letter), "
                                 f"got {len(row)}")
             ans = row[5].strip().upper()
             if ans not in ("A", "B", "C", "D"):
-                raise DataError(f"{path}:{line}: field 'answer' (column 6) must be A, B, C or D, got {row[5]!r}")
+                raise DataError(f"{path}:{reader.line_num}: field 'answer' (column 6) must be A, B, C or D, got {row[5]!r}")
             out.append(MCItem(row[0].strip(), [c.strip() for c in row[1:5]], "ABCD".index(ans),
                               f"{subject}/{line}", subject))
     return out
@@ -171,9 +182,7 @@ def load_texts(path: str | Path, text_field: str = "text", limit: int | None = N
     """Texts for perplexity: a .txt file (one text per non-empty line) or JSONL / JSON / CSV rows with `text_field`."""
     p = Path(path)
     if p.suffix == ".txt":
-        if not p.exists():
-            raise DataError(f"{p}: no such file")
-        texts = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        texts = [ln.strip() for ln in read_text(p).splitlines() if ln.strip()]
     else:
         name, rows = iter_rows(p)
         texts = []

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ....config import GenerationConfig
+from ....data.paths import path_exists
 from ....data.readers import Record, read_records
 from ....errors import SuiteError
 from ...benchmarks import BENCHMARKS, load_benchmark
@@ -54,7 +55,7 @@ class PromptEntry(SuiteEntry):
             if spec.default_path and ctx.root is None:
                 return None, (f"skipped {self.name}: {self.benchmark} reads {spec.default_path} under the data root; "
                               "give --data-root DIR or set SAFETYPATCH_DATA")
-        if local is not None and not local.exists():
+        if local is not None and not path_exists(local):
             return None, f"skipped {self.name}: {local} not found"
         return local, None
 
