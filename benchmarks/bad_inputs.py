@@ -44,7 +44,6 @@ import os
 import resource
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -161,8 +160,6 @@ def build_context(root: Path) -> Ctx:
     merged into the model, and the finished run: each built through the command line, as a user would."""
     sys.path.insert(0, str(REPO / "tests"))
     from support import build_tiny_model, build_tiny_tokenizer
-
-    from safetypatch.cli import main
 
     tok = build_tiny_tokenizer()
     model = root / "tiny-llama"

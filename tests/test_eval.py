@@ -1,6 +1,5 @@
 import json
 
-import pytest
 
 from support import write_jsonl
 from safetypatch.cli import main

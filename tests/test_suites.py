@@ -1,8 +1,6 @@
 """Suites: YAML validation, a tiny suite end to end through the CLI on the tiny random model, runs / compare."""
 
 import json
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 

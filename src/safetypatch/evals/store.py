@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from ..errors import ConfigError
 from ..config import safetypatch_home
 from ..io_utils import utc_now
 from ..errors import StoreError

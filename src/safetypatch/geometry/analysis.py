@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import ConfigError, PatchError
 from ..modeling import SVDCache, load_model
-from ..patches import PATCH_META, load_patch
+from ..patches import load_patch
 from .metrics import KS, weight_metrics
 from .report import write_outputs
 from .shift import default_prompts, hidden_shift
@@ -63,7 +63,7 @@ def analyze_with_shift(model_spec: str, patch: str | Path | None = None, finetun
         harmful = list(prompts_harmful) if prompts_harmful is not None else harmful
         benign = list(prompts_benign) if prompts_benign is not None else benign
         if patch is not None:
-            target = load_patch(model, patch, verify=verify and (Path(patch) / PATCH_META).exists())
+            target = load_patch(model, patch, verify=False)  # its files and base were checked above
             base = None
         else:
             target, base = ft, model

@@ -6,18 +6,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Sequence
 
-from ..modeling import variant
+from ..modeling import as_chat, variant
 
 if TYPE_CHECKING:
     import torch
-
-
-def _messages(p: Any) -> list[dict[str, str]]:
-    if hasattr(p, "chat"):
-        return p.chat()
-    if isinstance(p, str):
-        return [{"role": "user", "content": p}]
-    return list(p)
 
 
 def _last_token_states(model: Any, tok: Any, prompts: Sequence[Any]) -> list["torch.Tensor"]:
@@ -30,7 +22,7 @@ def _last_token_states(model: Any, tok: Any, prompts: Sequence[Any]) -> list["to
     out = []
     with torch.no_grad():
         for p in prompts:
-            ids = torch.tensor([prompt_ids(tok, _messages(p))], device=device)
+            ids = torch.tensor([prompt_ids(tok, as_chat(p))], device=device)
             hs = model(input_ids=ids, output_hidden_states=True).hidden_states
             out.append(torch.stack([h[0, -1] for h in hs[1:]]).double().cpu())
     return out

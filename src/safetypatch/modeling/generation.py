@@ -34,8 +34,10 @@ class Generation:
     finished: bool  # ended with the end-of-turn token (not cut at max_new_tokens)
 
 
-def as_chat(prompt: str | Chat) -> Chat:
-    """A plain string as one user turn; a chat (list of messages) as it is."""
+def as_chat(prompt: Any) -> Chat:
+    """A plain string as one user turn; a record (anything with `.chat()`) as its chat; a chat as it is."""
+    if hasattr(prompt, "chat"):
+        return prompt.chat()
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 

@@ -43,7 +43,7 @@ def measure_kl(backend: Backend, prompts: Sequence[Any], gen: GenerationConfig |
                max_batch_tokens: int = MAX_BATCH_TOKENS, progress: bool = True,
                base_answers: Sequence[Any] | None = None) -> KLResult:
     """`kl_to_base` on any backend that computes KL(base || patched)."""
-    chats = [as_chat(p.chat() if hasattr(p, "chat") else p) for p in prompts]
+    chats = [as_chat(p) for p in prompts]
     if base_answers is None:
         gen = dataclasses.replace(gen or GenerationConfig(), do_sample=False)
         base_answers = backend.generate(chats, gen, variant="base", desc="KL: base answers", progress=progress)
