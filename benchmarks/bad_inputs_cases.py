@@ -366,7 +366,24 @@ def eval_prompts(path: str) -> list[str]:
 
 
 def file_cases() -> list[Case]:
-    return train_file_cases() + eval_file_cases() + suite_file_cases()
+    return train_file_cases() + eval_file_cases() + suite_file_cases() + template_file_cases()
+
+
+def template_file_cases() -> list[Case]:
+    """--chat-template FILE (a Jinja template): missing, a directory, not UTF-8, empty, not Jinja; a bad name."""
+    bad = [("missing", None, "no such file"), ("directory", mkdir("t.jinja"), "t.jinja"),
+           ("non-utf8", write("t.jinja", "{{ 'caf\xe9' }}".encode("latin-1")), "t.jinja"),
+           ("empty", write("t.jinja", "\n"), "t.jinja"),
+           ("invalid-jinja", write("t.jinja", "{% for m in messages %}{{ m }}"), "t.jinja")]
+    cases = [E(f"train-chat-template-{what}", "train", [*TRAIN, "--chat-template", "{d}/t.jinja"], name,
+               f"train --chat-template FILE ({what})", **({"setup": setup} if setup else {}))
+             for what, setup, name in bad]
+    return cases + [
+        E("eval-chat-template-invalid-jinja", "eval --prompts", [*EVAL, "--chat-template", "{d}/t.jinja"], "t.jinja",
+          "eval --chat-template FILE (not Jinja)", setup=write("t.jinja", "{{ messages")),
+        E("chat-chat-template-name", "chat", [*CHAT, "--chat-template", "chatlm"], "chatlm",
+          "chat --chat-template chatlm (a misspelt name)"),
+    ]
 
 
 def train_file_cases() -> list[Case]:

@@ -156,7 +156,7 @@ def run_trl(job: dict[str, Any], init_state: dict[str, Any], on_turn: Callable[[
     from safetypatch.training.config import TrainConfig
     from safetypatch.config import from_dict
     from safetypatch.data.chat import IGNORE_INDEX, Encoded
-    from safetypatch.modeling import load_model, num_layers
+    from safetypatch.modeling import load_model
     from safetypatch.patches import lora_config
     from safetypatch.training.examples import collate
 
@@ -164,7 +164,7 @@ def run_trl(job: dict[str, Any], init_state: dict[str, Any], on_turn: Callable[[
     examples = [Encoded(**e) for e in job["examples"]]
     order, pad_id, chunk = job["order"], job["pad_id"], job["chunk"]
     base, tok = load_model(cfg.model)
-    theirs = get_peft_model(base, lora_config(cfg.shape(), num_layers(base)))  # peft LoraConfig, same shape
+    theirs = get_peft_model(base, lora_config(cfg.shape(), base))  # peft LoraConfig, same shape (roles resolved)
     with torch.no_grad():
         for n, p in theirs.named_parameters():
             if "lora_" in n:

@@ -122,8 +122,9 @@ def test_export_gguf_head_counts(tiny_tok, tiny_model_dir, tmp_path, capsys):
     assert run_cli(argv) == 0  # head counts read from the model's config.json
     assert "exported" in capsys.readouterr().out
     assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
-    assert run_cli(argv[:-1] + [str(tmp_path / "c.gguf"), "--arch", "qwen2"]) == 0
-    assert "HF order" in capsys.readouterr().out
+    # a llama base exported as another llama.cpp architecture would be a silently wrong layout: refused, named
+    assert run_cli(argv[:-1] + [str(tmp_path / "c.gguf"), "--arch", "qwen2"]) == 2
+    assert "model_type 'llama'" in capsys.readouterr().err and not (tmp_path / "c.gguf").exists()
     assert load_patch(build_tiny_model(tiny_tok), p) is not None  # the source patch is untouched
 
 

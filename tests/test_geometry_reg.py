@@ -42,6 +42,34 @@ def test_penalty_equals_dense_computation(tiny_tok, side, variant):
     assert float(got) == pytest.approx(want, rel=1e-4)
 
 
+@pytest.mark.parametrize("target", ["mlp.up", "attn.o"])
+def test_penalty_of_a_conv1d_patch_uses_the_weight_as_out_x_in(tiny_tok, target):
+    """GPT-2's Conv1D stores W0 as in x out (PEFT's fan_in_fan_out): the penalty uses the subspaces of W0^T, for a
+    non-square weight (c_fc: no shape error) and a square one (attn c_proj: no silently swapped U and V)."""
+    from archs import build_arch
+    from peft.tuners.lora import LoraLayer
+
+    model = attach_new_patch(build_arch("gpt2", tiny_tok), PatchShape(rank=2, alpha=4.0, target_modules=[target],
+                                                                      layers="all"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 1.0)
+    want, n_mods = 0.0, 0
+    for name, mod in model.named_modules():
+        if not isinstance(mod, LoraLayer):
+            continue
+        n_mods += 1
+        w0 = mod.get_base_layer().weight.detach().double().T  # out x in
+        u, s, vh = torch.linalg.svd(w0, full_matrices=False)
+        dw = mod.scaling["default"] * (mod.lora_B["default"].weight.double() @ mod.lora_A["default"].weight.double())
+        w = s[:3] / s[0]
+        want += float((torch.diag(w) @ u[:, :3].T @ dw).pow(2).sum() + (dw @ vh[:3].T @ torch.diag(w)).pow(2).sum())
+    assert n_mods == 2
+    assert float(OverlapPenalty(model, k=3, side="both")()) == pytest.approx(want, rel=1e-4)
+
+
 def test_planted_inside_is_large_and_orthogonal_is_zero(tiny_tok):
     model = _patched(tiny_tok)
     from peft.tuners.lora import LoraLayer

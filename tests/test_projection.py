@@ -79,3 +79,33 @@ def test_projected_patch_keeps_the_source_storage_dtype(tiny_tok, tmp_path):
     assert {t.dtype for t in src.values()} == {t.dtype for t in out.values()} == {torch.float16}
     assert (tmp_path / "proj" / "adapter_model.safetensors").stat().st_size == \
         (tmp_path / "p16" / "adapter_model.safetensors").stat().st_size
+
+
+def test_projection_of_a_conv1d_patch_uses_the_weight_as_out_x_in(tiny_tok, tmp_path):
+    """GPT-2's Conv1D stores W0 as in x out while dW = B @ A is out x in (PEFT's fan_in_fan_out): the protected
+    subspaces are those of W0^T, and the projected patch still loads."""
+    from archs import build_arch
+
+    model = attach_new_patch(build_arch("gpt2", tiny_tok), PatchShape(rank=2, alpha=4.0, target_modules=["c_fc"],
+                                                                      layers="all"))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 1.0)
+    save_patch(model, tmp_path / "p", {"base_model": {"spec": "tiny-gpt2"}, "shape": {"rank": 2}})
+    base = build_arch("gpt2", tiny_tok)
+    project_patch(tmp_path / "p", base, k=3, out_dir=tmp_path / "proj", side="both")
+    before = delta_weights(tmp_path / "p", fan_in_fan_out_ok=True)
+    after = delta_weights(tmp_path / "proj", fan_in_fan_out_ok=True)
+    weights = dict(base.named_parameters())
+    assert before and all(m.endswith("mlp.c_fc") for m in before)
+    for module, dw in before.items():
+        w0 = weights[f"{module}.weight"].detach().double().T  # out x in, like dW
+        assert w0.shape == dw.shape and w0.shape[0] != w0.shape[1]
+        u, _, vh = torch.linalg.svd(w0, full_matrices=False)
+        uk, vk = u[:, :3], vh[:3].T
+        torch.testing.assert_close(after[module].double(), project_update(dw.double(), uk, vk, "both"),
+                                   rtol=1e-4, atol=1e-5)
+        assert (uk.T @ after[module].double()).abs().max() < 1e-5
+    load_patch(build_arch("gpt2", tiny_tok), tmp_path / "proj")

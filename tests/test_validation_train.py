@@ -41,7 +41,7 @@ def run(args, capsys):
     ({"layers": "5"}, "out of range for a model with 2 layers"),
     ({"layers": "1-0"}, "goes backwards"),
     ({"target_modules": "up_prj"}, "--target-modules"),
-    ({"target_modules": "mlp"}, "not a linear layer"),
+    ({"target_modules": "self_attn"}, "is no role and no linear module"),  # (`mlp` is a role group now)
     ({"lr": "nan"}, "--lr / field 'lr' must be > 0"),
     ({"epochs": "nan"}, "--epochs / field 'epochs' must be > 0"),
     ({"alpha": "nan"}, "--alpha / field 'alpha' must be > 0"),

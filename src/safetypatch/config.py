@@ -110,6 +110,9 @@ def check_config(obj: C, where: str = "config", flags: bool = False) -> C:
     return obj
 
 
+MODEL_HELP = "hub id, local dir, .gguf file, or a named model ('default', 'gemma3-270m')"  # every --model flag
+
+
 @dataclass
 class PatchShape:
     """Where the LoRA patch goes and how big it is."""
@@ -118,7 +121,10 @@ class PatchShape:
     alpha: float = field(default=64.0, metadata={"help": "LoRA alpha; the update is (alpha / r) B A", "gt": 0})
     dropout: float = field(default=0.0, metadata={"help": "LoRA dropout", "min": 0, "lt": 1})
     target_modules: list[str] = field(
-        default_factory=lambda: ["up_proj"], metadata={"help": "module names to patch, comma separated"}
+        default_factory=lambda: ["mlp.up"],
+        metadata={"help": "what to patch, comma separated: roles mlp.up, mlp.gate, mlp.down, attn.q, attn.k, attn.v, "
+                          "attn.o, groups mlp, attn, all-linear (resolved per architecture), or raw module names "
+                          "(up_proj, mlp.c_fc)"},
     )
     layers: str = field(
         default="middle",

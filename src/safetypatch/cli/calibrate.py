@@ -7,6 +7,7 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config import MODEL_HELP
 from ..jobs.calibrate import CalibrationConfig
 from .flags import add_command, config_from_args
 
@@ -17,7 +18,7 @@ HELP_ORDER = 50  # where the command group stands in `safetypatch --help`
 class CalibrateArgs:
     patch: str = field(metadata={"required": True})
     model: str = field(default="default", metadata={
-        "help": "base model: hub id, local dir, .gguf file, or 'default'"})
+        "help": "base model: " + MODEL_HELP})
     out: str | None = field(default=None, metadata={"help": "directory for calibration.json and calibration.png"})
     apply: bool = field(default=False, metadata={
         "help": "also write the patch scaled by the chosen factor, to PATCH-calibrated (or -o)"})

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import MODEL_HELP
 from ..errors import PatchError
 from ..patches import SIDES
 from .flags import add_command
 
-MODEL_HELP = "base model: hub id, local dir, .gguf file, or 'default'"
+BASE_MODEL_HELP = "base model: " + MODEL_HELP
 
 HELP_ORDER = 30  # where the command group stands in `safetypatch --help`
 
@@ -69,7 +70,7 @@ class ScaleArgs(PatchOpArgs):
 @dataclass(kw_only=True)
 class MergeArgs(PatchOpArgs):
     out: str = _out("output model directory (safetensors + tokenizer)")
-    model: str = field(default="default", metadata={"help": MODEL_HELP})
+    model: str = field(default="default", metadata={"help": BASE_MODEL_HELP})
 
 
 @dataclass(kw_only=True)
@@ -84,7 +85,8 @@ class ExportArgs(PatchOpArgs):
     format: str = field(metadata={"required": True, "choices": ("peft", "gguf")})
     max_lora_rank: int = field(default=16, metadata={"help": "peft: warn when the rank exceeds vLLM's setting",
                                                      "min": 1})
-    arch: str = field(default="llama", metadata={"help": "gguf: llama.cpp architecture name"})
+    arch: str | None = field(default=None, metadata={
+        "help": "gguf: llama.cpp architecture name (default: the one llama.cpp uses for the base model's type)"})
     model: str | None = field(default=None, metadata={
         "help": "gguf: base model (for its head counts; default: the spec in patch.json)"})
     n_head: int | None = field(default=None, metadata={"help": "gguf: attention heads (instead of --model)", "min": 1})
@@ -96,7 +98,7 @@ class ExportArgs(PatchOpArgs):
 @dataclass(kw_only=True)
 class ProjectArgs(PatchOpArgs):
     overwrite: bool = _overwrite(None)
-    model: str = field(default="default", metadata={"help": MODEL_HELP})
+    model: str = field(default="default", metadata={"help": BASE_MODEL_HELP})
     k: int = field(default=16, metadata={"help": "size of the protected top-k subspace", "min": 1})
     side: str = field(default="both", metadata={"choices": SIDES})
 
@@ -125,8 +127,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2, default=str))
         return 0
     for k, v in info.items():
-        if k in ("evaluations", "calibration", "verified"):
+        if k in ("evaluations", "calibration", "verified", "resolved_modules"):
             continue
+        if k == "modules":
+            v = modules_text(v, info.get("resolved_modules"))
         if k == "training" and isinstance(v, dict):
             v = ", ".join(f"{a}={b}" for a, b in v.items() if not isinstance(b, dict))
         if k == "sha256" and not info["verified"]:
@@ -134,6 +138,19 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"{k:>17}: {v}")
     print_certificate(info.get("evaluations") or [], info.get("calibration"))
     return 0
+
+
+def modules_text(requested: Any, resolved: Any) -> str:
+    """`mlp.up -> up_proj; attn.o -> attn.c_proj`: each requested target and the module names it resolved to
+    (patch.json's shape; a patch from before roles records the requested names only)."""
+    if not isinstance(requested, list):
+        return str(requested)
+    resolved = resolved if isinstance(resolved, dict) else {}
+    parts = []
+    for t in requested:
+        names = resolved.get(t)
+        parts.append(t if not names or names == [t] else f"{t} -> {', '.join(names)}")
+    return "; ".join(parts)
 
 
 def _pct(v: Any) -> str:

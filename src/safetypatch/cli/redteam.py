@@ -7,6 +7,7 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config import MODEL_HELP
 from ..jobs.redteam import RedteamConfig
 from .flags import add_command, config_from_args
 
@@ -19,7 +20,7 @@ class RedteamArgs:
     pool: str = field(default="builtin:harmful:dev", metadata={
         "help": "harmful prompts to red-team with (JSONL/CSV with 'prompt' and optional 'response' = the refusal to "
                 "train, or builtin:...); every 3rd is held out for evaluation"})
-    model: str = field(default="default", metadata={"help": "hub id, local dir, .gguf file, or 'default'"})
+    model: str = field(default="default", metadata={"help": MODEL_HELP})
     out: str = field(metadata={"required": True,
                                "help": "directory for the rounds (rerun the same command to resume)"})
     epochs: float | None = field(default=None, metadata={

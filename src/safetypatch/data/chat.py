@@ -1,9 +1,16 @@
-"""Chat formatting with the tokenizer's own chat template, and response-only labels."""
+"""Chat formatting with the tokenizer's chat template, and response-only labels.
+
+A tokenizer without a chat template formats with the `plain` fallback (`data/templates.py`: BOS, `User:` /
+`Assistant:` turns, answers closed by EOS), with one warning line per model and process; `modeling.load_tokenizer`
+sets the template `--chat-template` chose, so that is the case only for tokenizers built by hand.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+from .templates import choose_template, end_of_turn_id
 
 IGNORE_INDEX = -100
 
@@ -33,25 +40,49 @@ def common_prefix_length(seqs: list[list[int]]) -> int:
     return max(0, n)
 
 
+def _fallback(tok: Any) -> dict[str, Any]:
+    """apply_chat_template's keywords: none for a tokenizer with a template; the plain template (one warning line
+    per model and process) for one without."""
+    if getattr(tok, "chat_template", None):
+        return {}
+    return {"chat_template": choose_template(tok).text}
+
+
 def _template_ids(tok: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
-    out = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    out = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                  **_fallback(tok))
     if isinstance(out, dict) or hasattr(out, "keys"):  # BatchEncoding in newer transformers
         out = out["input_ids"]
     return list(out)
 
 
+def _template_text(tok: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
+                                   **_fallback(tok))
+
+
 def prompt_ids(tok: Any, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of the conversation followed by the assistant-turn header (what generation starts from)."""
-    if getattr(tok, "chat_template", None):
-        return _template_ids(tok, messages, add_generation_prompt=True)
-    text = "\n".join(m["content"] for m in messages) + "\n"
-    return tok(text, add_special_tokens=True)["input_ids"]
+    return _template_ids(tok, messages, add_generation_prompt=True)
 
 
 def prompt_text(tok: Any, messages: list[dict[str, str]]) -> str:
-    if getattr(tok, "chat_template", None):
-        return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return "\n".join(m["content"] for m in messages) + "\n"
+    return _template_text(tok, messages, add_generation_prompt=True)
+
+
+def _response_ids(tok: Any, messages: list[dict[str, str]], response: str, p_ids: list[int]) -> list[int]:
+    """The tokens of `response` and the template's end of turn after the prompt `p_ids`: the full conversation's
+    tokens past the prompt when the prompt's tokens are their prefix; otherwise the text the template adds after
+    the prompt, tokenized alone (what generation would have to produce after `p_ids`)."""
+    full_msgs = messages + [{"role": "assistant", "content": response}]
+    full = _template_ids(tok, full_msgs, add_generation_prompt=False)
+    if full[: len(p_ids)] == p_ids:
+        return full[len(p_ids):]
+    text, head = _template_text(tok, full_msgs, False), prompt_text(tok, messages)
+    if text.startswith(head):
+        return tok(text[len(head):], add_special_tokens=False)["input_ids"]
+    stop = end_of_turn_id(tok)
+    return tok(response, add_special_tokens=False)["input_ids"] + ([stop] if stop is not None else [])
 
 
 def encode_example(
@@ -69,20 +100,13 @@ def encode_example(
     learns to stop; a truncated answer (an anchor) passes close_turn=False.
     """
     p_ids = prompt_ids(tok, messages)
-    if isinstance(response, list):
-        r_ids = list(response)
-        if close_turn and tok.eos_token_id is not None:
-            r_ids.append(tok.eos_token_id)
-    elif getattr(tok, "chat_template", None) and close_turn:
-        full = _template_ids(tok, messages + [{"role": "assistant", "content": response}], add_generation_prompt=False)
-        if full[: len(p_ids)] == p_ids:
-            r_ids = full[len(p_ids):]
-        else:  # template renders the prompt differently once an answer follows: tokenize the answer alone
-            r_ids = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    if isinstance(response, list) or not close_turn:
+        r_ids = list(response) if isinstance(response, list) else tok(response, add_special_tokens=False)["input_ids"]
+        stop = end_of_turn_id(tok)
+        if close_turn and stop is not None:
+            r_ids.append(stop)
     else:
-        r_ids = tok(response, add_special_tokens=False)["input_ids"]
-        if close_turn and tok.eos_token_id is not None:
-            r_ids.append(tok.eos_token_id)
+        r_ids = _response_ids(tok, messages, response, p_ids)
     # keep the whole response if possible: truncate the prompt from the left, then the response from the right
     budget = max_length - len(r_ids)
     if budget < 8:

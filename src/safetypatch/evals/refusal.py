@@ -35,6 +35,7 @@ class EvalRequest:
     judges: tuple[str, ...] = DEFAULT_JUDGES
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     limit: int | None = None
+    chat_template: str = "auto"  # --chat-template: auto | plain | chatml | a Jinja file (data.templates)
 
 
 def load_prompt_file(spec: str, prompt_field: str = "prompt", limit: int | None = None) -> list[Record]:
@@ -104,7 +105,7 @@ def run_eval(req: EvalRequest, out_dir: str | Path, resume: bool = False,
     for j in req.judges:
         get_judge(j)  # an unknown judge fails here, before the output directory or the model
     out = claim_output_dir(out_dir, resume=resume, marker="summary.json")
-    model, tok = model_and_tok or load_model(req.model)
+    model, tok = model_and_tok or load_model(req.model, chat_template=req.chat_template)
     backend = transformers_backend(model, tok, patch=req.patch)
     variants = ["base"]
     if req.patch:

@@ -45,13 +45,14 @@ def update_records(model: Any, updates: dict[Key, "torch.Tensor"], ks: Sequence[
 def analyze_with_shift(model_spec: str, patch: str | Path | None = None, finetuned: str | Path | None = None,
                        ks: Sequence[int] = KS, out_dir: str | Path | None = None,
                        prompts_harmful: Sequence[Any] | None = None, prompts_benign: Sequence[Any] | None = None,
-                       shift: bool = True, limit: int = 20, seed: int = 0, verify: bool = True
-                       ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+                       shift: bool = True, limit: int = 20, seed: int = 0, verify: bool = True,
+                       chat_template: str = "auto") -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """analyze(), also returning the hidden-state shift ({'harmful': [...], 'benign': [...], ...} or None).
-    `verify=False` skips the patch's sha256 check (its base fingerprint is still checked)."""
+    `verify=False` skips the patch's sha256 check (its base fingerprint is still checked); `chat_template` is
+    --chat-template (the prompts' format for the shift)."""
     if (patch is None) == (finetuned is None):
         raise ConfigError("give exactly one of patch= (a LoRA patch dir) or finetuned= (a fine-tuned model)")
-    model, tok = load_model(model_spec)
+    model, tok = load_model(model_spec, chat_template=chat_template)
     ft = load_model(str(finetuned))[0] if finetuned is not None else None
     updates = patch_updates(model, patch, verify) if patch is not None else full_updates(model, ft)
     if not updates:

@@ -28,9 +28,10 @@ def split_module_path(path: str) -> Key:
 
 
 def lora_updates(patch_dir: str | Path) -> dict[Key, "torch.Tensor"]:
-    """dW = scale * B @ A (float64, shape out x in) per patched module, read through `patches.lora_deltas`."""
+    """dW = scale * B @ A (float64, shape out x in) per patched module, read through `patches.lora_deltas`; PEFT's
+    factors are out x in for GPT-2's Conv1D too (fan_in_fan_out), and `base_weight` turns W0 the same way."""
     return {split_module_path(module): (scale * (b.double() @ a.double())).reshape(b.shape[0], -1)
-            for module, (a, b, scale) in lora_deltas(patch_dir).items()}
+            for module, (a, b, scale) in lora_deltas(patch_dir, fan_in_fan_out_ok=True).items()}
 
 
 def _layers_prefix(model: Any) -> str:

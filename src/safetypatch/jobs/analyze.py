@@ -16,14 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import check_config
+from ..config import MODEL_HELP, check_config
+from ..data.templates import METADATA as TEMPLATE_FIELD
+from ..data.templates import check_choice
 from ..geometry import KS
 
 
 @dataclass(kw_only=True)
 class AnalyzeConfig:
     model: str = field(default="default", metadata={
-        "help": "base model: hub id, local dir, .gguf file, or 'default'"})
+        "help": "base model: " + MODEL_HELP})
+    chat_template: str = field(default="auto", metadata=TEMPLATE_FIELD)
     patch: str | None = field(default=None, metadata={
         "one_of": "update", "help": "LoRA patch directory (dW = alpha/r B A)"})
     finetuned: str | None = field(default=None, metadata={
@@ -37,6 +40,9 @@ class AnalyzeConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace an existing --out directory"})
     no_verify: bool = field(default=False, metadata={
         "help": "skip the patch's sha256 check (the report then says it is not verified)"})
+
+    def validate(self, where: str = "config") -> None:
+        check_choice(self.chat_template, where=where)
 
 
 def run_analyze(cfg: AnalyzeConfig) -> str:
@@ -57,7 +63,7 @@ def run_analyze(cfg: AnalyzeConfig) -> str:
     with staged_dir(cfg.out, cfg.overwrite) if cfg.out else contextlib.nullcontext() as out:
         records, shift = analyze_with_shift(cfg.model, patch=cfg.patch, finetuned=cfg.finetuned, ks=cfg.k,
                                             out_dir=out, shift=not cfg.no_shift, limit=cfg.limit,
-                                            verify=not cfg.no_verify)
+                                            verify=not cfg.no_verify, chat_template=cfg.chat_template)
     report = format_report(records, shift, cfg.out)
     if cfg.patch is not None and cfg.no_verify:
         report += f"\nnote: {cfg.patch} was NOT verified (--no-verify): its weights' sha256 was not checked"

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ..data.builtin import DEV_BENIGN, DEV_HARMFUL
+from ..data.templates import METADATA as TEMPLATE_FIELD
+from ..data.templates import check_choice
 from ..io_utils import atomic_write_json, utc_now
 
 DEFAULT_FACTORS = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5)
@@ -29,12 +31,14 @@ class CalibrationConfig:
     dev_benign: str = field(default=DEV_BENIGN, metadata={"help": "benign prompts"})
     max_new_tokens: int = field(default=24, metadata={"help": "tokens generated per prompt", "min": 1})
     batch_size: int = field(default=16, metadata={"help": "generation batch size", "min": 1})
+    chat_template: str = field(default="auto", metadata=TEMPLATE_FIELD)
 
     def validate(self, where: str = "config") -> None:
         from ..config import check_numbers
         from ..errors import ConfigError
 
         check_numbers(self, where)
+        check_choice(self.chat_template, where=where)
         if not any(f > 0 for f in self.factors):
             raise ConfigError(f"{where}: field 'factors' (--factors) needs a factor > 0 (0 is the base model), "
                               f"got {list(self.factors)}")
@@ -128,6 +132,7 @@ def calibrate(patch_dir: str | Path, model_spec: str = "default", cfg: Calibrati
     scaled by the chosen factor there (only when a factor is within budget). Outputs that exist are refused
     before any generation unless `overwrite`."""
     from ..errors import OutputExistsError
+    from ..evals.backend import warn_template_mismatch
     from ..modeling import load_model
     from ..patches import load_patch, record_calibration, scale_patch, verify_files
 
@@ -143,8 +148,9 @@ def calibrate(patch_dir: str | Path, model_spec: str = "default", cfg: Calibrati
         raise OutputExistsError(f"{apply_to} already exists; choose another output for the scaled patch or pass "
                                 "--overwrite")
     harmful, benign = dev_prompts(cfg)
-    model, tok = model_and_tok or load_model(model_spec)
+    model, tok = model_and_tok or load_model(model_spec, chat_template=cfg.chat_template)
     peft_model = load_patch(model, patch_dir)
+    warn_template_mismatch(patch_dir, tok)
     curve = sweep(peft_model, tok, cfg, progress=progress, prompts=(harmful, benign))
     peft_model.unload()  # leave a caller's model as it came
     chosen = choose_factor(curve, cfg.max_over_refusal)

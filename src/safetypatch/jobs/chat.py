@@ -13,17 +13,21 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Iterable, TextIO
 
-from ..config import GenerationConfig, check_numbers
+from ..config import GenerationConfig, MODEL_HELP, check_numbers
+from ..data.templates import METADATA as TEMPLATE_FIELD
+from ..data.templates import check_choice
 
 
 @dataclass
 class ChatConfig:
-    model: str = field(default="default", metadata={"help": "hub id, local dir, .gguf file, or 'default'"})
+    model: str = field(default="default", metadata={"help": MODEL_HELP})
+    chat_template: str = field(default="auto", metadata=TEMPLATE_FIELD)
     patch: str | None = field(default=None, metadata={"help": "patch directory"})
     max_new_tokens: int = field(default=128, metadata={"help": "tokens generated per answer", "min": 1})
 
     def validate(self, where: str = "config") -> None:
         check_numbers(self, where)
+        check_choice(self.chat_template, where=where)
 
 
 def side_by_side(left: str, right: str, width: int, titles: tuple[str, str] = ("base", "patched")) -> str:
@@ -77,14 +81,16 @@ def read_prompts(stream: TextIO) -> Iterable[str]:
 def run_chat(cfg: ChatConfig) -> int:
     """Load the model (and the patch), then answer prompts from stdin until an empty line or /quit."""
     from ..modeling import load_model
+    from ..evals.backend import warn_template_mismatch
     from ..patches import load_patch, verify_files
 
     cfg.validate("chat")
     if cfg.patch:
         verify_files(cfg.patch)  # a missing or damaged patch fails before the model is loaded
-    model, tok = load_model(cfg.model)
+    model, tok = load_model(cfg.model, chat_template=cfg.chat_template)
     if cfg.patch:
         model = load_patch(model, cfg.patch)
+        warn_template_mismatch(cfg.patch, tok)
     width = max(30, (shutil.get_terminal_size((140, 20)).columns - 3) // 2)
     if sys.stdin.isatty():
         print(f"chatting with {cfg.model}" + (f" (left: base, right: patched with {cfg.patch})" if cfg.patch else "")

@@ -64,7 +64,7 @@ def run_demo(out: str | Path | None = None, cfg: TrainConfig | None = None, eval
     out = Path(out) if out else default_out_dir()
     check_run_dir(cfg, out, resume=False)  # before the model loads
     t0 = time.time()
-    model, tok = load_model(cfg.model)
+    model, tok = load_model(cfg.model, chat_template=cfg.chat_template)
     result = train(cfg, out, model_and_tok=(model, tok), progress=progress)
     gen = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=64)
     results: dict[str, Any] = {}

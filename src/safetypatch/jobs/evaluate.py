@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..config import GenerationConfig, check_numbers
+from ..config import GenerationConfig, MODEL_HELP, check_numbers
+from ..data.templates import METADATA as TEMPLATE_FIELD
+from ..data.templates import check_choice
 from ..errors import ConfigError
 from ..modeling import check_device
 
@@ -21,7 +23,8 @@ PROMPTS_ONLY = ("judges", "prompt_field")  # flags that only a prompt-file run r
 
 @dataclass
 class EvalConfig:
-    model: str = field(default="default", metadata={"help": "hub id, local dir, .gguf file, or 'default'"})
+    model: str = field(default="default", metadata={"help": MODEL_HELP})
+    chat_template: str = field(default="auto", metadata=TEMPLATE_FIELD)
     patch: str | None = field(default=None, metadata={"help": "patch directory to evaluate"})
     with_base: bool = field(default=False, metadata={"help": "also evaluate the base model (with --patch)"})
     finetuned: str | None = field(default=None, metadata={
@@ -65,6 +68,7 @@ class EvalConfig:
 
         check_numbers(self, where)
         check_modes(self)
+        check_choice(self.chat_template, where=where)
         if self.device is not None:
             check_device(self.device)
         if not self.suite:
@@ -126,7 +130,7 @@ def _evaluate_suite(cfg: EvalConfig) -> str:
                              data_root=cfg.data_root, db=cfg.db, record=not cfg.no_db,
                              judge_models=judge_models(cfg.judge_model), limit=cfg.limit,
                              max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, name=cfg.name,
-                             device=cfg.device)
+                             device=cfg.device, chat_template=cfg.chat_template)
     summary = run_suite(run_cfg, cfg.out, resume=cfg.resume)
     if cfg.patch:
         _certify_suite(cfg, summary)
@@ -168,7 +172,8 @@ def _evaluate_prompts(cfg: EvalConfig) -> str:
     gen = GenerationConfig(max_new_tokens=max_new_tokens, batch_size=cfg.batch_size or 16)
     judges = judge_names(cfg.judges)
     req = EvalRequest(model=cfg.model, patch=cfg.patch, with_base=cfg.with_base, prompts=prompts,
-                      prompt_field=cfg.prompt_field, judges=judges, generation=gen, limit=cfg.limit)
+                      prompt_field=cfg.prompt_field, judges=judges, generation=gen, limit=cfg.limit,
+                      chat_template=cfg.chat_template)
     summary = run_eval(req, cfg.out, resume=cfg.resume)
     res = summary["results"]
     if cfg.patch:

@@ -27,6 +27,8 @@ from typing import Any
 from ..config import GenerationConfig
 from ..training.config import TrainConfig
 from ..data.readers import Record
+from ..data.templates import METADATA as TEMPLATE_FIELD
+from ..data.templates import check_choice
 from ..io_utils import atomic_write_json
 
 DEFAULT_ATTACKS = ("none", "prefix_injection", "refusal_suppression", "aim")
@@ -45,6 +47,7 @@ class RedteamConfig:
     benign_dev: str = field(default="builtin:benign:dev+builtin:benign_extra:dev",
                             metadata={"help": "benign prompts for the over-refusal check"})
     max_new_tokens: int = field(default=24, metadata={"help": "tokens generated per prompt when judging", "min": 1})
+    chat_template: str = field(default="auto", metadata=TEMPLATE_FIELD)
     min_refusals: int = field(default=96, metadata={"help": "a round's failures are repeated until it trains on at "
                                                             "least this many refusal rows", "min": 0})
     # rank 1 per round (one detector for "this kind of failure"), same per-rank scale as the default recipe; its
@@ -61,6 +64,7 @@ class RedteamConfig:
         from ..evals.attacks import ATTACKS
 
         check_numbers(self, where)
+        check_choice(self.chat_template, where=where)
         unknown = [a for a in self.attacks if a not in ATTACKS]
         if unknown or "none" not in self.attacks:
             raise ConfigError(f"{where}: field 'attacks' (--attacks) must include 'none' (the plain prompts) and "
@@ -174,7 +178,7 @@ def run_plan(patch_meta: dict[str, Any], pool: list[Record], cfg: RedteamConfig,
             "pool_sha256": sha256_text(*(f"{r.prompt}\0{r.response or ''}" for r in pool)), "pool_size": len(pool),
             "attacks": list(cfg.attacks), "per_round": cfg.per_round, "holdout_every": cfg.holdout_every,
             "benign_dev": cfg.benign_dev, "max_new_tokens": cfg.max_new_tokens, "min_refusals": cfg.min_refusals,
-            "train": cfg.train}
+            "train": cfg.train, **({"chat_template": cfg.chat_template} if cfg.chat_template != "auto" else {})}
 
 
 def claim_run(out: Path, plan: dict[str, Any]) -> None:
@@ -286,7 +290,8 @@ class Rounds:
         merged = model.merge_and_unload()  # earlier patches frozen into the weights
         # early stopping checks refusal on this round's own (wrapped) failures, never on the held-out prompts
         tcfg = from_dict(TrainConfig, {"dev_harmful": str(rdir / "dev.jsonl"), **self.cfg.train,
-                                       "data": str(rdir / "train.jsonl"), "model": self.model_spec},
+                                       "data": str(rdir / "train.jsonl"), "model": self.model_spec,
+                                       "chat_template": self.cfg.chat_template},
                          where="redteam train")
         run = rdir / "train"
         if run.exists() and not (run / "patch").exists():
@@ -343,8 +348,9 @@ def setup(patch: str | Path, pool: list[Record], out_dir: str | Path, model_spec
     benign = resolve_prompts(cfg.benign_dev, default_split="dev", response_field=None)
     out = Path(out_dir).resolve()
     claim_run(out, run_plan(meta0, pool, cfg, model_spec))
-    return Rounds(Path(patch), out, cfg, model_spec, meta0, work, held, benign,
-                  model_factory or (lambda: load_model(model_spec)), progress, parts=[Path(patch)], current=Path(patch))
+    factory = model_factory or (lambda: load_model(model_spec, chat_template=cfg.chat_template))
+    return Rounds(Path(patch), out, cfg, model_spec, meta0, work, held, benign, factory, progress,
+                  parts=[Path(patch)], current=Path(patch))
 
 
 def format_table(table: list[dict[str, Any]]) -> str:

@@ -80,7 +80,7 @@ def open_backend(cfg: SuiteRunConfig, log: Callable[[str], None],
     from ..modeling import fingerprint, fingerprint_id, load_model
 
     log(f"loading {cfg.model}" + (f" with patch {cfg.patch}" if cfg.patch else ""))
-    model, tok = model_and_tok or load_model(cfg.model, device=cfg.device)
+    model, tok = model_and_tok or load_model(cfg.model, device=cfg.device, chat_template=cfg.chat_template)
     fp = fingerprint_id(fingerprint(model))
     if cfg.finetuned:  # its answers are the 'patched' rows
         log(f"loading the fine-tuned model {cfg.finetuned}")

@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from ..config import parse_layers, to_dict
+from ..config import to_dict
 from ..data.chat import Encoded
 from ..data.readers import Record
+from ..data.templates import template_record
 from ..errors import ConfigError, OutputExistsError
 from ..io_utils import atomic_write_json, claim_output_dir, staged_dir
-from ..modeling import fingerprint, load_model, num_layers
+from ..modeling import fingerprint, load_model
 from ..training.checkpoint import (check_resume_recipe, has_checkpoint, last_logged_loss, load_checkpoint,
                                    load_trainable, save_checkpoint, trainable_state, trim_logs)
 from ..training.config import TrainConfig, bf16_autocast, use_bf16
@@ -145,7 +146,7 @@ def setup(cfg: TrainConfig, run: Path, device: str, resume: bool, model_and_tok:
     import torch
     from transformers import get_scheduler
 
-    model, tok = model_and_tok or load_model(cfg.model)
+    model, tok = model_and_tok or load_model(cfg.model, chat_template=cfg.chat_template)
     check_model_fit(cfg, model)
     model.to(device)
     examples, data_meta, sources = build_examples(cfg, model, tok)
@@ -328,13 +329,12 @@ def save(job: Job, stats: dict[str, Any], base_model_meta: dict[str, Any] | None
 
 
 def save_lora(job: Job, stats: dict[str, Any], base_model_meta: dict[str, Any] | None) -> Path:
-    from ..patches import save_patch
+    from ..patches import save_patch, shape_record
 
     cfg = job.cfg
     meta = {"base_model": base_model_meta or {"spec": cfg.model}, "recipe": to_dict(cfg),
-            "shape": {"rank": cfg.rank, "alpha": cfg.alpha, "target_modules": list(cfg.target_modules),
-                      "layers": parse_layers(cfg.layers, num_layers(job.model))},
-            "data": job.data_meta, "training": stats}
+            "shape": shape_record(cfg.shape(), job.model),
+            "data": job.data_meta, "training": stats, "chat_template": template_record(job.tok)}
     save_patch(job.model, job.run / "patch", meta, save_dtype=cfg.save_dtype)
     return job.run / "patch"
 

@@ -87,7 +87,8 @@ class ModelJudge(Judge):
         if self._loaded is None:
             from ..modeling import load_model
 
-            self._loaded = load_model(str(self.model_spec), dtype=self.dtype, device=self.device)
+            # chat_template=None: a judge model needs its own template (a clear JudgeError without one)
+            self._loaded = load_model(str(self.model_spec), dtype=self.dtype, device=self.device, chat_template=None)
         return self._loaded
 
     def judge(self, prompt: str, response: str) -> Verdict:

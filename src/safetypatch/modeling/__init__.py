@@ -8,14 +8,16 @@ imported at module level: torch / transformers load inside the functions that ne
 
 from .compat import bf16_supported, cache_keyword, check_device, params, unwrap_lm
 from .generation import Chat, Generation, as_chat, generate
-from .architecture import decoder_layers, num_layers
+from .architecture import decoder_layers, layer_stack, num_layers
 from .fingerprints import fingerprint, fingerprint_differences, fingerprint_id, fingerprint_like
 from .loading import load_model, load_tokenizer, model_directory, resolve_model
+from .roles import GROUPS, ROLES, Resolution, is_role, resolve_targets
 from .scoring import token_kl
 from .svd_cache import SVDCache
 from .variants import FinetunedPair, variant
 
-__all__ = ["Chat", "FinetunedPair", "Generation", "SVDCache", "as_chat", "bf16_supported", "cache_keyword", "check_device",
-           "decoder_layers", "fingerprint", "fingerprint_differences", "fingerprint_id", "fingerprint_like",
-           "generate", "load_model", "load_tokenizer", "model_directory", "num_layers", "params", "resolve_model",
-           "token_kl", "unwrap_lm", "variant"]
+__all__ = ["Chat", "FinetunedPair", "GROUPS", "Generation", "ROLES", "Resolution", "SVDCache", "as_chat",
+           "bf16_supported", "cache_keyword", "check_device", "decoder_layers", "fingerprint",
+           "fingerprint_differences", "fingerprint_id", "fingerprint_like", "generate", "is_role", "layer_stack",
+           "load_model", "load_tokenizer", "model_directory", "num_layers", "params", "resolve_model",
+           "resolve_targets", "token_kl", "unwrap_lm", "variant"]

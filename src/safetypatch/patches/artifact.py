@@ -12,9 +12,10 @@ from typing import Any, Callable, TypeVar
 
 from .. import __version__
 from ..config import PatchShape, parse_layers
-from ..errors import PatchError
+from ..errors import ConfigError, PatchError
 from ..io_utils import atomic_write_json, sha256_file, staged_dir, update_json, utc_now
-from ..modeling import fingerprint, fingerprint_differences, fingerprint_like, num_layers
+from ..modeling import (fingerprint, fingerprint_differences, fingerprint_like, is_role, num_layers,
+                        resolve_targets)
 from .finite import check_finite, check_stored_finite, require_finite, to_storage
 from .schema import check_fits, check_meta, check_plain_lora, parse_json, read_adapter_config, read_json_file
 
@@ -27,17 +28,34 @@ SAVE_CAUSE = "the trained weights (training diverged: lower --lr, check --alpha 
 T = TypeVar("T")
 
 
-def lora_config(shape: PatchShape, n_layers: int) -> Any:
-    """peft.LoraConfig for a patch shape; layer selection becomes `layers_to_transform`."""
+def lora_config(shape: PatchShape, model: Any) -> Any:
+    """peft.LoraConfig for a patch shape on `model`: roles resolved to module names (`modeling.resolve_targets`),
+    `fan_in_fan_out` for GPT-2-style Conv1D targets, the layer selection as `layers_to_transform` (with
+    `layers_pattern` only where PEFT's default, the first numbered path part, would not find the layer index).
+    `model` may be a layer count instead, for raw module names only (ConfigError for a role)."""
     from peft import LoraConfig
 
+    if isinstance(model, int):
+        roles = [t for t in shape.target_modules if is_role(t)]
+        if roles:
+            raise ConfigError(f"target_modules {roles}: roles are resolved against a model; give the model, not a "
+                              "layer count")
+        n_layers, targets, conv1d, stack = model, list(shape.target_modules), False, ""
+    else:
+        res = resolve_targets(model, shape.target_modules)
+        n_layers, targets, conv1d, stack = num_layers(model), res.modules, res.conv1d, res.layers_path
     layers = parse_layers(shape.layers, n_layers)
+    subset = len(layers) != n_layers
+    parts = stack.split(".") if stack else []
+    pattern = parts[-1] if subset and (len(parts) == 1 or any(p.isdigit() for p in parts)) else None
     return LoraConfig(
         r=shape.rank,
         lora_alpha=shape.alpha,
         lora_dropout=shape.dropout,
-        target_modules=list(shape.target_modules),
-        layers_to_transform=None if len(layers) == n_layers else layers,
+        target_modules=targets,
+        layers_to_transform=layers if subset else None,
+        layers_pattern=pattern,
+        fan_in_fan_out=conv1d,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -49,11 +67,19 @@ def attach_new_patch(model: Any, shape: PatchShape, seed: int = 0) -> Any:
     from peft import get_peft_model
 
     torch.manual_seed(seed)
-    cfg = lora_config(shape, num_layers(model))
+    cfg = lora_config(shape, model)
     try:
         return get_peft_model(model, cfg)
     except ValueError as e:  # e.g. target modules not found in this architecture
         raise PatchError(f"cannot place a patch on {type(model).__name__}: {e}") from None
+
+
+def shape_record(shape: PatchShape, model: Any) -> dict[str, Any]:
+    """patch.json's `shape`: rank, alpha, `target_modules` as requested (roles or raw names), `resolved_modules`
+    (request -> the module names it resolved to on `model`) and the layer indices."""
+    res = resolve_targets(model, shape.target_modules)
+    return {"rank": shape.rank, "alpha": shape.alpha, "target_modules": list(shape.target_modules),
+            "resolved_modules": res.resolved, "layers": parse_layers(shape.layers, num_layers(model))}
 
 
 def weights_record(weights: Path, dtype: str) -> dict[str, Any]:
@@ -234,7 +260,8 @@ def patch_info(patch_dir: str | Path, verify: bool = True) -> dict[str, Any]:
         "base": meta.get("base_model", {}).get("spec"),
         "base_fingerprint": meta.get("base_model", {}).get("fingerprint", {}).get("weights_sha256", "")[:16],
         "rank": shape.get("rank"), "alpha": shape.get("alpha"),
-        "modules": shape.get("target_modules"), "layers": shape.get("layers"),
+        "modules": shape.get("target_modules"), "resolved_modules": shape.get("resolved_modules"),
+        "layers": shape.get("layers"),
         "bytes": meta.get("weights", {}).get("bytes"), "sha256": meta.get("weights", {}).get("sha256"),
         "verified": verify,
         "training": meta.get("training", {}), "evaluations": meta.get("evaluations", []),

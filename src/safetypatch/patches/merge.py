@@ -15,7 +15,7 @@ from ..errors import PatchError
 from ..io_utils import atomic_write_json, sha256_file, staged_dir, utc_now
 from ..modeling import fingerprint, fingerprint_differences, fingerprint_like, load_model
 from .artifact import check_base, load_patch, verify_files
-from .ops import lora_deltas
+from .ops import lora_deltas, read_adapter
 from .schema import OBJ, SHA256, STR, check_fields, read_json_file
 
 if TYPE_CHECKING:
@@ -59,15 +59,20 @@ def _bits(t: "torch.Tensor") -> "torch.Tensor":
 
 
 def _patched_weights(model: Any, patch_dir: str | Path, where: str) -> list[tuple[str, Any, "torch.Tensor"]]:
-    """[(module name, module, dW float64)] for every module the patch changes; PatchError if one does not fit."""
+    """[(module name, module, dW float64 in the weight's own layout)] for every module the patch changes; PatchError
+    if one does not fit. A fan_in_fan_out patch (GPT-2's Conv1D stores its weight in x out) gets dW^T, as PEFT
+    merges it."""
     modules = dict(model.named_modules())
+    config, tensors = read_adapter(patch_dir)
+    transpose = bool(config.get("fan_in_fan_out"))
     out = []
-    for name, (a, b, s) in lora_deltas(patch_dir).items():
+    for name, (a, b, s) in lora_deltas((config, tensors), fan_in_fan_out_ok=True).items():
         mod = modules.get(name)
-        shape = (b.shape[0], a.shape[1])
+        shape = (a.shape[1], b.shape[0]) if transpose else (b.shape[0], a.shape[1])
         if mod is None or getattr(mod, "weight", None) is None or tuple(mod.weight.shape) != shape:
             raise PatchError(f"{where}: has no weight {name} of shape {shape} for this patch")
-        out.append((name, mod, _delta64(a, b, s)))
+        dw = _delta64(a, b, s)
+        out.append((name, mod, dw.T if transpose else dw))
     return out
 
 

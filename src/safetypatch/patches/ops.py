@@ -45,22 +45,27 @@ def read_adapter(patch_dir: str | Path) -> AdapterState:
     return config, tensors
 
 
-def _check_plain_lora(config: Mapping[str, Any], where: str) -> None:
+def _check_plain_lora(config: Mapping[str, Any], where: str, fan_in_fan_out_ok: bool) -> None:
     check_plain_lora(config, where)
-    if config.get("fan_in_fan_out"):
-        raise PatchError(f"{where}: fan_in_fan_out (Conv1D) adapters are not supported")
+    if config.get("fan_in_fan_out") and not fan_in_fan_out_ok:
+        raise PatchError(f"{where}: a fan_in_fan_out patch (GPT-2-style Conv1D modules, which store their weight "
+                         "transposed, in x out); this operation does not handle that layout yet")
 
 
-def lora_deltas(patch_dir_or_state: str | Path | AdapterState) -> dict[str, Delta]:
-    """{module name: (A, B, scale)} with dW = scale * B @ A; module names as in the base model
-    (e.g. `model.layers.1.mlp.up_proj`). Accepts a patch directory or an (adapter_config, tensors) pair."""
+def lora_deltas(patch_dir_or_state: str | Path | AdapterState, fan_in_fan_out_ok: bool = False
+                ) -> dict[str, Delta]:
+    """{module name: (A, B, scale)} with dW = scale * B @ A (out x in, nn.Linear's layout); module names as in the
+    base model (e.g. `model.layers.1.mlp.up_proj`). Accepts a patch directory or an (adapter_config, tensors) pair.
+
+    A fan_in_fan_out adapter (PEFT on GPT-2's Conv1D, whose weight is stored in x out, so W += dW^T) is refused
+    unless `fan_in_fan_out_ok`: callers that apply dW to a weight must transpose it for those modules."""
     if isinstance(patch_dir_or_state, (str, Path)):
         where = str(patch_dir_or_state)
         config, tensors = read_adapter(patch_dir_or_state)
     else:
         where = "adapter"
         config, tensors = patch_dir_or_state
-    _check_plain_lora(config, where)
+    _check_plain_lora(config, where, fan_in_fan_out_ok)
     parts: dict[str, dict[str, Any]] = {}
     for key, t in tensors.items():
         m = LORA_KEY.match(key)
@@ -81,11 +86,12 @@ def lora_deltas(patch_dir_or_state: str | Path | AdapterState) -> dict[str, Delt
     return out
 
 
-def delta_weights(patch_dir_or_state: str | Path | AdapterState) -> dict[str, "torch.Tensor"]:
-    """{module name: dW} in float32 (out x in, as nn.Linear stores its weight)."""
+def delta_weights(patch_dir_or_state: str | Path | AdapterState, fan_in_fan_out_ok: bool = False
+                  ) -> dict[str, "torch.Tensor"]:
+    """{module name: dW} in float32 (out x in, as nn.Linear stores its weight; a Conv1D stores dW^T)."""
     import torch
 
-    deltas = lora_deltas(patch_dir_or_state)
+    deltas = lora_deltas(patch_dir_or_state, fan_in_fan_out_ok)
     return {m: s * (b.to(torch.float32) @ a.to(torch.float32)) for m, (a, b, s) in deltas.items()}
 
 
@@ -97,6 +103,23 @@ def layer_of(module: str) -> int | None:
 
 def leaf_of(module: str) -> str:
     return module.rsplit(".", 1)[-1]
+
+
+def in_layer_path(module: str) -> str:
+    """A module's path inside its decoder layer (`model.layers.3.mlp.up_proj` -> `mlp.up_proj`); the full name for
+    a module outside the layers."""
+    m = _LAYER.match(module)
+    return m["tail"][1:] if m else module
+
+
+def peft_targets(config: Mapping[str, Any], modules: Sequence[str]) -> list[str]:
+    """PEFT `target_modules` that name exactly `modules` (with the layer selection): the adapter config's own list
+    when it has one (it was resolved against the model, so GPT-2's bare `c_proj` is there only when both c_proj
+    modules are patched), else each module's path inside its layer (`mlp.c_proj`), which names no sibling."""
+    targets = config.get("target_modules")
+    if isinstance(targets, list) and targets:
+        return sorted(set(targets))
+    return sorted({in_layer_path(m) for m in modules})
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -137,10 +160,21 @@ def write_adapter_dir(out_dir: str | Path, config: Mapping[str, Any], tensors: M
     return full
 
 
-def _shape_meta(config: Mapping[str, Any], modules: Sequence[str]) -> dict[str, Any]:
+def _shape_meta(config: Mapping[str, Any], modules: Sequence[str], parts: Sequence[Mapping[str, Any]] = ()
+                ) -> dict[str, Any]:
+    """A stacked patch's `shape`: the union of the parts' requested targets and what they resolved to when every
+    part records them (roles survive a stack), else the PEFT target names."""
     layers = sorted({i for i in (layer_of(m) for m in modules) if i is not None})
-    return {"rank": config["r"], "alpha": config["lora_alpha"], "target_modules": sorted({leaf_of(m) for m in modules}),
-            "layers": layers}
+    shape: dict[str, Any] = {"rank": config["r"], "alpha": config["lora_alpha"],
+                             "target_modules": list(config["target_modules"]), "layers": layers}
+    shapes = [p.get("shape") or {} for p in parts]
+    if shapes and all(isinstance(s.get("resolved_modules"), dict) for s in shapes):
+        resolved: dict[str, list[str]] = {}
+        for s in shapes:
+            for request, names in s["resolved_modules"].items():
+                resolved[request] = sorted(set(resolved.get(request, [])) | set(names))
+        shape.update(target_modules=sorted(resolved), resolved_modules=resolved)
+    return shape
 
 
 # ------------------------------------------------------------------------------------------------ stacking
@@ -195,11 +229,20 @@ def _zeros_for(module: str, blocks: Mapping[str, Any], rank: int) -> tuple["torc
     return torch.zeros(rank, a.shape[1]), torch.zeros(b.shape[0], rank)
 
 
-def _stacked_config(first: Mapping[str, Any], rank: int, targets: list[str], layers: list[int] | None) -> dict[str, Any]:
-    config = dict(first)
+def _stacked_config(configs: Sequence[Mapping[str, Any]], rank: int, modules: Sequence[str],
+                    layers: list[int] | None) -> dict[str, Any]:
+    """The stacked adapter_config: the first part's, with one rank, scale 1 and the union of the parts' targets
+    (each part's list names exactly its modules, so the union names the union over the union of layers)."""
+    lists = [c.get("target_modules") for c in configs]
+    if all(isinstance(t, list) and t for t in lists):
+        targets = sorted({t for ts in lists for t in ts})
+    else:
+        targets = sorted({in_layer_path(m) for m in modules})
+    pattern = next((c.get("layers_pattern") for c in configs if c.get("layers_pattern")), None)
+    config = dict(configs[0])
     config.update(r=rank, lora_alpha=rank, rank_pattern={}, alpha_pattern={}, use_rslora=False, target_modules=targets,
-                  layers_to_transform=layers, layers_pattern=None, modules_to_save=None, lora_dropout=0.0,
-                  inference_mode=True)
+                  layers_to_transform=layers, layers_pattern=pattern if layers is not None else None,
+                  modules_to_save=None, lora_dropout=0.0, inference_mode=True)
     return config
 
 
@@ -219,12 +262,14 @@ def stack_patches(paths: Sequence[str | Path], weights: Sequence[float] | None, 
         raise PatchError(f"stack: {len(weights)} weight(s) for {len(paths)} patch(es)")
     metas = [_part_meta(p) for p in paths]
     _check_same_base(metas, paths)
-    first_config: dict[str, Any] = {}
+    configs: list[dict[str, Any]] = []
     blocks: dict[str, list[tuple[Any, Any]]] = {}  # module -> [(A, w * scale * B), ...]
     for path, w in zip(paths, weights):
         config, tensors = read_adapter(path)
-        first_config = first_config or config
-        for module, (a, b, s) in lora_deltas((config, tensors)).items():
+        configs.append(config)
+        if bool(config.get("fan_in_fan_out")) != bool(configs[0].get("fan_in_fan_out")):
+            raise PatchError(f"stack: {path} and {paths[0]} disagree on fan_in_fan_out (Conv1D layout)")
+        for module, (a, b, s) in lora_deltas((config, tensors), fan_in_fan_out_ok=True).items():
             blk = blocks.setdefault(module, [])
             blk.append((a.to(torch.float32), b.to(torch.float32) * (w * s)))
             if blk[0][0].shape[1] != a.shape[1] or blk[0][1].shape[0] != b.shape[0]:
@@ -233,10 +278,10 @@ def stack_patches(paths: Sequence[str | Path], weights: Sequence[float] | None, 
     modules, layers_to_transform = _expand_modules(set(blocks), n_layers)
     rank = max(sum(a.shape[0] for a, _ in blk) for blk in blocks.values())
     stacked = {m: _concat(blocks[m], rank) if m in blocks else _zeros_for(m, blocks, rank) for m in sorted(modules)}
-    config = _stacked_config(first_config, rank, sorted({leaf_of(m) for m in modules}), layers_to_transform)
+    config = _stacked_config(configs, rank, sorted(modules), layers_to_transform)
     meta = {
         "base_model": metas[0]["base_model"],
-        "shape": _shape_meta(config, sorted(modules)),
+        "shape": _shape_meta(config, sorted(modules), metas),
         "stack": [{"path": str(p), "sha256": m["weights"]["sha256"], "weight": w}
                   for p, m, w in zip(paths, metas, weights)],
     }
@@ -255,7 +300,7 @@ def scale_patch(path: str | Path, factor: float, out_dir: str | Path, overwrite:
     path = Path(path)
     meta = verify_files(path)
     config, tensors = read_adapter(path)
-    lora_deltas((config, tensors))  # refuses anything that is not a plain LoRA adapter
+    lora_deltas((config, tensors), fan_in_fan_out_ok=True)  # refuses anything that is not a plain LoRA adapter
     scaled = {}
     for key, t in tensors.items():
         m = LORA_KEY.match(key)

@@ -66,11 +66,13 @@ def project_patch(patch_dir: str | Path, model: Any, k: int, out_dir: str | Path
     kept_num = total = 0.0
     # keep the source patch's storage dtype (float16 by default), so a projected patch is no larger than its source
     store = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
-    for module, (a, b, scale) in lora_deltas((config, tensors)).items():
+    transpose = bool(config.get("fan_in_fan_out"))  # GPT-2's Conv1D stores W0 as in x out; dW is out x in
+    for module, (a, b, scale) in lora_deltas((config, tensors), fan_in_fan_out_ok=True).items():
         w0 = weights.get(f"{module}.weight")
         if w0 is None:
             raise PatchError(f"{patch_dir}: the base model has no weight {module}.weight")
-        u, _, vh = cache.get(module, w0.detach().float())
+        w0 = w0.detach().float()
+        u, _, vh = cache.get(module, w0.T if transpose else w0)
         dw = scale * (b.double() @ a.double())
         kk = min(k, u.shape[1])
         proj = project_update(dw, u[:, :kk].double(), vh[:kk].T.double(), side)

@@ -52,10 +52,11 @@ def check_resume_recipe(run_dir: Path, cfg: TrainConfig) -> None:
         raise DataError(f"{run_dir / 'train_config.json'}: damaged (not a JSON object), so the run's recipe cannot "
                         f"be checked; train without --resume into a new --out (or delete {run_dir})")
     now = to_dict(cfg)
-    # speed-path fields added after a run was started do not make its recipe different
-    if saved != {k: v for k, v in now.items() if k in saved or k not in SPEED_FIELDS}:
-        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k)
-                      and (k in saved or k not in SPEED_FIELDS))
+    defaults = to_dict(type(cfg)())
+    # fields added after a run was started (speed paths, or any left at its default) do not make its recipe different
+    compared = {k: v for k, v in now.items() if k in saved or (k not in SPEED_FIELDS and v != defaults.get(k))}
+    if saved != compared:
+        diff = sorted(k for k in set(saved) | set(compared) if saved.get(k) != compared.get(k))
         raise ConfigError(f"{run_dir}: --resume with a different recipe (fields {diff}); use the same flags")
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..config import SEED_MAX, PatchShape
+from ..config import MODEL_HELP, PatchShape, SEED_MAX
 from ..data.builtin import DEV_BENIGN, DEV_HARMFUL
+from ..data.templates import METADATA as TEMPLATE_FIELD
+from ..data.templates import check_choice
 from ..errors import ConfigError
 
 
@@ -18,7 +20,8 @@ from ..errors import ConfigError
 class TrainConfig(PatchShape):
     """A refusal-SFT recipe: what to train, on what, how. Defaults are the demo's winning recipe."""
 
-    model: str = field(default="default", metadata={"help": "hub id, local dir, .gguf file, or 'default'"})
+    model: str = field(default="default", metadata={"help": MODEL_HELP})
+    chat_template: str = field(default="auto", metadata=TEMPLATE_FIELD)
     method: str = field(default="lora", metadata={"help": "'lora' (a patch) or 'full' (full fine-tuning baseline)"})
     data: str = field(
         default="builtin",
@@ -124,6 +127,7 @@ class TrainConfig(PatchShape):
             raise ConfigError(f"{where}: the overlap regularizer ('overlap_beta') applies to method 'lora' only")
         if self.mix_ratio > 0 and not self.mix:
             raise ConfigError(f"{where}: field 'mix_ratio' is {self.mix_ratio} but no 'mix' file is given")
+        check_choice(self.chat_template, where=where)
 
     def shape(self) -> PatchShape:
         return PatchShape(**{f.name: getattr(self, f.name) for f in fields(PatchShape)})

@@ -4,7 +4,11 @@ prefix every row shares computed once (the frozen-prefix cache and the shared-pr
 transformers has no API to start the stack at layer k, so `run_stack` repeats what LlamaModel.forward does
 (transformers 5): positions 0..T-1, the causal + padding mask from `create_causal_mask` for the model's attention
 implementation, rotary embeddings from `rotary_emb`, then each decoder layer. The speed paths check it against the
-model's own forward at start-up and switch themselves off where it differs.
+model's own forward at start-up and switch themselves off where it differs (training/speed_check.py).
+
+Two pieces are generic instead, taken from the model's own forward: `layer_input` (the hidden states entering
+layer k, whatever the embeddings do: scaling, positions) and `head_logits` (the LM head with the model's own
+post-processing: logit scaling, soft-capping).
 """
 
 from __future__ import annotations
@@ -88,6 +92,88 @@ def forward_from_layer(lm: Any, hidden: Any, attention_mask: Any, start: int, sh
     dec = lm.get_decoder()
     return dec.norm(run_stack(dec, list(dec.layers[start: dec.config.num_hidden_layers]), hidden, attention_mask,
                               shared))
+
+
+class _Stop(Exception):
+    """Raised by `layer_input`'s hook to end the forward pass at the layer it captured."""
+
+
+def layer_input(lm: Any, start: int, input_ids: Any, attention_mask: Any) -> Any:
+    """The hidden states entering decoder layer `start`, from the model's own forward (stopped there): whatever the
+    model does before that layer (embedding scale, absolute positions, ...) is included."""
+    layer = decoder_layers(lm)[start]
+    box: list[Any] = []
+
+    def hook(_mod: Any, args: tuple, kwargs: dict) -> None:
+        box.append(args[0] if args else kwargs["hidden_states"])
+        raise _Stop
+
+    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not box:
+        raise RuntimeError(f"the forward pass of {type(lm).__name__} never reached decoder layer {start}")
+    return box[0]
+
+
+def head_logits(lm: Any, hidden: Any) -> Any:
+    """Logits of final-norm hidden states `hidden` ([..., H]) through the model's own head: its forward runs with
+    the decoder replaced by one that returns `hidden`, so any post-processing after the LM head (Granite's
+    logits_scaling, Gemma's final soft-capping, Cohere's logit_scale) is applied as the model applies it."""
+    from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions as Out
+
+    mods = [getattr(lm, getattr(lm, "base_model_prefix", ""), None)]
+    try:
+        mods.append(lm.get_decoder())  # OPT's forward calls model.decoder, not model
+    except (AttributeError, ValueError):
+        pass
+    mods = [m for i, m in enumerate(mods) if m is not None and m is not lm and all(m is not o for o in mods[:i])]
+    flat = hidden.reshape(1, -1, hidden.shape[-1])
+    called: list[bool] = []
+
+    def stub(*_a: Any, **_k: Any) -> Any:
+        called.append(True)
+        return Out(last_hidden_state=flat)
+
+    for m in mods:
+        m.forward = stub  # an instance attribute, shadowing the class's forward
+    try:
+        logits = lm(inputs_embeds=flat, use_cache=False).logits if mods else None
+    finally:
+        for m in mods:
+            del m.forward
+    if not called:  # the forward did not go through a decoder we know: the bare output embeddings
+        logits = lm.get_output_embeddings()(flat)
+    return logits.reshape(*hidden.shape[:-1], logits.shape[-1])
+
+
+DROPOUT_FIELDS = ("attention_dropout", "attn_dropout", "dropout", "p")  # module attributes holding a dropout rate
+
+
+def dropout_reason(lm: Any, start: int) -> str:
+    """'' if nothing below decoder layer `start` (embeddings, frozen layers) drops out in training mode, else what
+    does: an `nn.Dropout` with p > 0 or an attention module's dropout rate (applied functionally)."""
+    upper = {id(m) for layer in list(decoder_layers(lm))[start:] for m in layer.modules()}
+    for name, mod in lm.named_modules():
+        if id(mod) in upper or mod is lm.get_output_embeddings():
+            continue
+        for field in DROPOUT_FIELDS:
+            rate = getattr(mod, field, None)
+            if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0:
+                return f"dropout {rate:g} ({name or 'model'}.{field})"
+    return ""
+
+
+def sliding_window(config: Any) -> int | None:
+    """The sliding-window length of any layer of the model (None if every layer attends to the whole sequence)."""
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    return int(window) if isinstance(window, int) and window > 0 else None
 
 
 def shared_prefix_length(examples: list[Encoded], minimum: int = 4) -> int:

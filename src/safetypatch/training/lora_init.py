@@ -37,10 +37,14 @@ def mean_inputs(model: Any, tok: Any, records: list[Record], modules: dict[str, 
     outer: dict[str, Any] = {}
     count = 0
     hooks = []
+    shape: list[int] = [0, 0]  # the current batch's (rows, width)
 
     def make_hook(name: str):
         def hook(_mod: Any, args: tuple) -> None:
-            x = args[0][:, -tail:, :].detach().double()
+            x = args[0]
+            if x.dim() == 2:  # a model that flattens (batch, seq) before its MLP (OPT): put the positions back
+                x = x.reshape(shape[0], shape[1], -1)
+            x = x[:, -tail:, :].detach().double()
             sums[name] = sums.get(name, 0) + x.sum(dim=(0, 1))
             if second_moment:
                 flat = x.reshape(-1, x.shape[-1])
@@ -57,6 +61,7 @@ def mean_inputs(model: Any, tok: Any, records: list[Record], modules: dict[str, 
         for i in range(0, len(encoded), batch_size):
             chunk = encoded[i: i + batch_size]
             width = max(len(e) for e in chunk)
+            shape[:] = [len(chunk), width]
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             attn = torch.zeros_like(ids)
             for row, e in enumerate(chunk):

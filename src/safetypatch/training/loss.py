@@ -15,13 +15,17 @@ from typing import Any
 from ..data.chat import IGNORE_INDEX
 from ..modeling import token_kl, unwrap_lm, variant
 from .config import TrainConfig
-from .forward import forward_from_layer
+from .forward import forward_from_layer, head_logits
 
 
 def response_logits(model: Any, batch: dict[str, Any], response_only: bool) -> tuple[Any, Any, Any]:
-    """Logits at the positions that predict response tokens, the targets, and which rows they come from."""
+    """Logits at the positions that predict response tokens, the targets, and which rows they come from.
+
+    The reference is the model's own `model(input_ids, attention_mask).logits` (no cached prefix, `response_only`
+    off); the other paths (cached prefix, head on response positions only) are checked against it at start-up."""
     import torch
 
+    response_only = response_only and "full_logits" not in batch  # the batch's own switch (speed check, fallback)
     labels = batch["labels"]
     target_mask = labels[:, 1:] != IGNORE_INDEX
     if "prefix_hidden" in batch:  # frozen bottom layers cached: run from the first patched layer up
@@ -29,13 +33,13 @@ def response_logits(model: Any, batch: dict[str, Any], response_only: bool) -> t
         shared = int(batch["shared_prefix"][0]) if "shared_prefix" in batch else 0
         hidden = forward_from_layer(lm, batch["prefix_hidden"], batch["attention_mask"], int(batch["prefix_start"][0]),
                                     shared=shared)
-        head = lm.get_output_embeddings()
-        logits = head(hidden[:, :-1][target_mask]) if response_only else head(hidden)[:, :-1][target_mask]
+        logits = (head_logits(lm, hidden[:, :-1][target_mask]) if response_only
+                  else head_logits(lm, hidden)[:, :-1][target_mask])
     elif response_only:
         lm = unwrap_lm(model)
         hidden = lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                   use_cache=False).last_hidden_state
-        logits = lm.get_output_embeddings()(hidden[:, :-1][target_mask])
+        logits = head_logits(lm, hidden[:, :-1][target_mask])
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        use_cache=False).logits[:, :-1][target_mask]

@@ -39,6 +39,8 @@ class OverlapPenalty:
             if not isinstance(mod, LoraLayer) or adapter not in mod.lora_A:
                 continue
             w0 = mod.get_base_layer().weight.detach().float()
+            if getattr(mod, "fan_in_fan_out", False):  # GPT-2's Conv1D stores W0 as in x out; dW = B A is out x in
+                w0 = w0.T
             u, s, vh = cache.get(name.replace("base_model.model.", "", 1), w0)
             kk = min(k, s.numel())
             weight = torch.ones(kk, dtype=torch.float64) if variant == "uniform" else s[:kk] / s[0]

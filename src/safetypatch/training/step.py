@@ -6,28 +6,26 @@ from typing import Any
 
 from ..config import parse_layers
 from ..errors import ConfigError
-from ..modeling import decoder_layers, num_layers
+from ..modeling import decoder_layers, num_layers, resolve_targets
 from .config import TrainConfig, bf16_autocast
 from .loss import compute_loss
 
 
 def check_model_fit(cfg: TrainConfig, model: Any) -> None:
     """ConfigError, before anything is written, when the recipe does not fit the model: a layer out of range, or
-    (LoRA) a target module that no selected layer has as a linear layer (what PEFT can patch)."""
-    import torch
-
+    (LoRA) a target (role or raw module name, `modeling.resolve_targets`) that no selected layer has as a linear
+    layer (what PEFT can patch)."""
     layers = parse_layers(cfg.layers, num_layers(model))
     if cfg.method != "lora":
         return
+    res = resolve_targets(model, cfg.target_modules)
     blocks = decoder_layers(model)
-    inside = {id(m) for i in layers for m in blocks[i].modules()}
-    linear = [name for name, m in model.named_modules() if id(m) in inside
-              and (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")]
-    missing = [t for t in cfg.target_modules if not any(n == t or n.endswith(f".{t}") for n in linear)]
+    selected = {name for i in layers for name, _ in blocks[i].named_modules()}
+    missing = [t for t in res.modules if not any(n == t or n.endswith(f".{t}") for n in selected)]
     if missing:
-        names = sorted({n.rsplit(".", 1)[-1] for n in linear})
         raise ConfigError(f"--target-modules / field 'target_modules': {missing} is not a linear layer of "
-                          f"{type(model).__name__}'s layers '{cfg.layers}'; choose from {names}")
+                          f"{type(model).__name__}'s layers '{cfg.layers}'; its layers hold "
+                          f"{', '.join(res.layer_modules)}")
 
 
 def prepare_model(cfg: TrainConfig, model: Any) -> Any:

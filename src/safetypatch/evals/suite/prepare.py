@@ -27,6 +27,7 @@ class SuiteRunConfig:
     batch_size: int | None = None
     name: str | None = None  # run name in the DB (default: the output directory's name)
     device: str | None = None  # e.g. "cuda"; None: where load_model puts it (CPU)
+    chat_template: str = "auto"  # --chat-template: auto | plain | chatml | a Jinja file (data.templates)
 
     def data_root_or_default(self) -> str | None:
         return self.data_root if self.data_root is not None else default_data_root()
