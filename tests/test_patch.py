@@ -141,6 +141,10 @@ def test_certificate_recorded_without_touching_weights(tiny_tok, saved_patch, ca
     assert main(["patch", "info", str(path)]) == 0
     out = capsys.readouterr().out
     assert "1 evaluation(s)" in out and "builtin:harmful:test" in out and "90.0%" in out
+    record_evaluation(path, {"suite": "suite:kl_only", "out": "runs/kl", "refusal": {}})  # a suite without refusal
+    assert main(["patch", "info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "suite:kl_only  no refusal rate recorded (the report: runs/kl)" in out and "n=?" not in out
 
 
 def test_atomic_writes_get_the_usual_file_mode(tmp_path):

@@ -163,7 +163,9 @@ def print_certificate(evals: list[dict[str, Any]], cal: dict[str, Any] | None) -
     for e in evals:
         rates = "; ".join(f"{name}: " + ", ".join(f"{j} {_pct(v)}" for j, v in by_judge.items())
                           for name, by_judge in e.get("refusal", {}).items())
-        print(f"{'':>17}  {e.get('date', '?')}  {e.get('suite', '?')}  n={e.get('n', '?')}  {rates}")
+        size = f"  n={e['n']}" if "n" in e else ""  # a suite record has one n per benchmark, in its report
+        rates = rates or f"no refusal rate recorded (the report: {e.get('out', '?')})"
+        print(f"{'':>17}  {e.get('date', '?')}  {e.get('suite', '?')}{size}  {rates}")
     if cal:
         budget = f"base benign {cal['base_benign_refusal']:.1%} + budget {cal['budget']:.0%}"
         at = next((p for p in cal["curve"] if p["factor"] == cal["chosen_factor"]), None)
