@@ -237,3 +237,19 @@ def test_lda_init_reads_gpt2_conv1d_inputs(tiny_tok):
     for name, mod in mods.items():
         a0 = mod.lora_A["default"].weight[0].double()
         assert float(mh[name] @ a0) > float(mb[name] @ a0)
+
+
+@pytest.mark.parametrize("use_bf16", [False, True], ids=["fp32", "bf16"])
+def test_gemma3_with_a_long_window_keeps_the_cache_through_per_layer_type_masks(tiny_tok, use_bf16, capsys):
+    """Gemma3 (window longer than every example, as the real Gemma-3-270M's 512 against max_length 256): the
+    hand-run stack builds a sliding-window mask and the rotary embedding per layer type, so the frozen-prefix cache
+    and the shared prompt prefix stay on and still equal the model's own forward."""
+    model = _patched("gemma3", tiny_tok)
+    model.config.sliding_window = 512
+    examples = _examples(tiny_tok)
+    ref, fast, desc = _reference_and_fast(model, TrainConfig(), examples, tiny_tok.pad_token_id, use_bf16)
+    tol_loss, tol_grad = (3e-2, 1e-1) if use_bf16 else (1e-4, 1e-3)
+    assert desc["switched_off"] == {} and desc["frozen_prefix_cache"].startswith("layers 0-1 cached")
+    assert desc["shared_prompt_prefix"].endswith("computed once per batch")
+    assert fast.loss == pytest.approx(ref.loss, rel=tol_loss)
+    assert float((fast.grad - ref.grad).norm() / ref.grad.norm()) <= tol_grad

@@ -3,7 +3,8 @@ prefix every row shares computed once (the frozen-prefix cache and the shared-pr
 
 transformers has no API to start the stack at layer k, so `run_stack` repeats what LlamaModel.forward does
 (transformers 5): positions 0..T-1, the causal + padding mask from `create_causal_mask` for the model's attention
-implementation, rotary embeddings from `rotary_emb`, then each decoder layer. The speed paths check it against the
+implementation (a sliding-window one for sliding layers), rotary embeddings from `rotary_emb` (per layer type where
+it takes one, as Gemma3's does), then each decoder layer. The speed paths check it against the
 model's own forward at start-up and switch themselves off where it differs (training/speed_check.py).
 
 Two pieces are generic instead, taken from the model's own forward: `layer_input` (the hidden states entering
@@ -27,32 +28,60 @@ def decoder_parts(lm: Any) -> Any | None:
     return dec
 
 
-def run_layers(layers: Any, hidden: Any, mask: Any, position_embeddings: Any, position_ids: Any,
+def run_layers(layers: Any, hidden: Any, masks: list[Any], position_embeddings: list[Any], position_ids: Any,
                cache: Any = None) -> Any:
-    """Call decoder layers directly, passing the KV cache under the keyword this transformers version takes
-    (`cache` from 5.x on, `past_key_values` before)."""
+    """Call decoder layers directly, layer i with `masks[i]` and `position_embeddings[i]`, passing the KV cache under
+    the keyword this transformers version takes (`cache` from 5.x on, `past_key_values` before)."""
     if not layers:
         return hidden
     kw = {cache_keyword(type(layers[0]).forward): cache}
-    for layer in layers:
-        hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
-                       position_ids=position_ids, use_cache=cache is not None, **kw)
+    for layer, mask, pe in zip(layers, masks, position_embeddings):
+        hidden = layer(hidden, attention_mask=mask, position_embeddings=pe, position_ids=position_ids,
+                       use_cache=cache is not None, **kw)
     return hidden
 
 
-def causal_mask(dec: Any, hidden: Any, attention_mask: Any, position_ids: Any, explicit: bool = False) -> Any:
-    """The decoder's causal + padding mask for `hidden`, as its forward builds it (no cache). `explicit`: never
-    let SDPA replace the mask by is_causal (a mask that will be sliced must exist)."""
-    from transformers.masking_utils import create_causal_mask
+def causal_mask(dec: Any, hidden: Any, attention_mask: Any, position_ids: Any, explicit: bool = False,
+                sliding: bool = False) -> Any:
+    """The decoder's causal + padding mask for `hidden` (its sliding-window mask with `sliding`), as its forward
+    builds it (no cache). `explicit`: never let SDPA replace the mask by is_causal (a mask that will be sliced
+    must exist)."""
+    from transformers import masking_utils
 
-    names = params(create_causal_mask)
-    kw: dict[str, Any] = {cache_keyword(create_causal_mask): None}
+    make = masking_utils.create_sliding_window_causal_mask if sliding else masking_utils.create_causal_mask
+    names = params(make)
+    kw: dict[str, Any] = {cache_keyword(make): None}
     if explicit and "allow_is_causal_skip" in names:
         kw["allow_is_causal_skip"] = False
     if "cache_position" in names:  # transformers 4.x
         kw["cache_position"] = position_ids[0]
-    return create_causal_mask(config=dec.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                              position_ids=position_ids, **kw)
+    return make(config=dec.config, inputs_embeds=hidden, attention_mask=attention_mask, position_ids=position_ids,
+                **kw)
+
+
+def layer_type(config: Any, layer: Any) -> str:
+    """A decoder layer's attention type as its decoder's forward reads it: `config.layer_types[layer index]`
+    ('full_attention' when the config has none or the layer does not say its index)."""
+    types = getattr(config, "layer_types", None)
+    idx = getattr(layer, "layer_idx", getattr(getattr(layer, "self_attn", None), "layer_idx", None))
+    if types and isinstance(idx, int) and 0 <= idx < len(types):
+        return str(types[idx])
+    return getattr(layer, "attention_type", None) or "full_attention"
+
+
+def layer_inputs(dec: Any, layers: list[Any], hidden: Any, attention_mask: Any, position_ids: Any,
+                 explicit: bool) -> tuple[list[Any], list[Any]]:
+    """Per layer, its attention mask and rotary embedding as the decoder's forward makes them: one of each per
+    attention type (`layer_type`: Gemma3's and Qwen2's sliding layers get a sliding-window mask, and Gemma3's rotary
+    embedding takes the layer type), one for all layers otherwise."""
+    types = [layer_type(dec.config, layer) for layer in layers]
+    by_type = "layer_type" in params(type(dec.rotary_emb).forward)
+    masks, rotary = {}, {}
+    for t in dict.fromkeys(types):
+        masks[t] = causal_mask(dec, hidden, attention_mask, position_ids, explicit, sliding=t == "sliding_attention")
+        rotary[t] = (dec.rotary_emb(hidden, position_ids, t) if by_type
+                     else dec.rotary_emb(hidden, position_ids=position_ids))
+    return [masks[t] for t in types], [rotary[t] for t in types]
 
 
 def run_stack(dec: Any, layers: list[Any], hidden: Any, attention_mask: Any, shared: int = 0) -> Any:
@@ -67,23 +96,21 @@ def run_stack(dec: Any, layers: list[Any], hidden: Any, attention_mask: Any, sha
     import torch
 
     position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-    position_embeddings = dec.rotary_emb(hidden, position_ids=position_ids)
     impl = getattr(dec.config, "_attn_implementation", None)
-    mask = causal_mask(dec, hidden, attention_mask, position_ids, explicit=shared > 0)
-    if shared <= 0 or impl not in ("eager", "sdpa") or not torch.is_tensor(mask) or mask.dim() != 4:
-        return run_layers(layers, hidden, mask, position_embeddings, position_ids)
+    masks, rotary = layer_inputs(dec, layers, hidden, attention_mask, position_ids, explicit=shared > 0)
+    if shared <= 0 or impl not in ("eager", "sdpa") or not all(torch.is_tensor(m) and m.dim() == 4 for m in masks):
+        return run_layers(layers, hidden, masks, rotary, position_ids)
     from transformers import DynamicCache
 
     try:
         cache = DynamicCache(config=dec.config)
     except TypeError:  # older transformers: layers are created on first update
         cache = DynamicCache()
-    cos, sin = position_embeddings
-    head = run_layers(layers, hidden[:1, :shared], mask[:1, :, :shared, :shared],
-                      (cos[:, :shared], sin[:, :shared]), position_ids[:, :shared], cache)
+    head = run_layers(layers, hidden[:1, :shared], [m[:1, :, :shared, :shared] for m in masks],
+                      [(cos[:, :shared], sin[:, :shared]) for cos, sin in rotary], position_ids[:, :shared], cache)
     cache.batch_repeat_interleave(hidden.shape[0])
-    tail = run_layers(layers, hidden[:, shared:], mask[:, :, shared:, :], (cos[:, shared:], sin[:, shared:]),
-                      position_ids[:, shared:], cache)
+    tail = run_layers(layers, hidden[:, shared:], [m[:, :, shared:, :] for m in masks],
+                      [(cos[:, shared:], sin[:, shared:]) for cos, sin in rotary], position_ids[:, shared:], cache)
     return torch.cat([head.expand(hidden.shape[0], -1, -1), tail], dim=1)
 
 
