@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from ..errors import ConfigError
-from ..modeling import decoder_layers, unwrap_lm
+from ..modeling import as_out_in, decoder_layers, unwrap_lm
 from ..patches import PATCH_META, check_base, lora_deltas, read_meta, verify_files
 
 if TYPE_CHECKING:
@@ -45,18 +45,13 @@ def weight_name(model: Any, key: Key) -> str:
     return f"{module}.weight" if layer < 0 else f"{_layers_prefix(model)}.{layer}.{module}.weight"
 
 
-def _as_out_in(module: Any, w: "torch.Tensor") -> "torch.Tensor":
-    """GPT-2's Conv1D stores (in, out); everything here is (out, in), like PEFT's B @ A."""
-    return w.T if type(module).__name__ == "Conv1D" else w
-
-
 def base_weight(model: Any, key: Key) -> "torch.Tensor":
     """W0 of (layer, module) as a float64 (out, in) matrix (a PEFT-wrapped module gives its base layer)."""
     layer, module = key
     root = unwrap_lm(model) if layer < 0 else decoder_layers(model)[layer]
     mod = root.get_submodule(module)
     mod = getattr(mod, "base_layer", mod)
-    w = _as_out_in(mod, mod.weight.detach())
+    w = as_out_in(mod, mod.weight.detach())
     return w.reshape(w.shape[0], -1).double().cpu()
 
 
@@ -84,7 +79,7 @@ def full_updates(base_model: Any, finetuned_model: Any, modules: Iterable[str] |
                 raise ConfigError(f"layer {i} {mod_name}: shape {tuple(w1.shape)} != base {tuple(w0.shape)}; give the "
                                   "base model the fine-tuned model was made from")
             if not torch.equal(w1.cpu(), w0.detach().cpu()):
-                out[(i, mod_name)] = _as_out_in(mod, w1.double().cpu() - w0.detach().double().cpu())
+                out[(i, mod_name)] = as_out_in(mod, w1.double().cpu() - w0.detach().double().cpu())
     return out
 
 

@@ -6,7 +6,7 @@ imported at module level: torch / transformers load inside the functions that ne
 (`modeling.backends`) are imported from their module directly.
 """
 
-from .compat import bf16_supported, cache_keyword, check_device, params, unwrap_lm
+from .compat import as_out_in, bf16_supported, cache_keyword, check_device, params, unwrap_lm
 from .generation import Chat, Generation, as_chat, generate
 from .architecture import decoder_layers, layer_stack, num_layers
 from .fingerprints import fingerprint, fingerprint_differences, fingerprint_id, fingerprint_like
@@ -16,7 +16,7 @@ from .scoring import token_kl
 from .svd_cache import SVDCache
 from .variants import FinetunedPair, variant
 
-__all__ = ["Chat", "FinetunedPair", "GROUPS", "Generation", "ROLES", "Resolution", "SVDCache", "as_chat",
+__all__ = ["Chat", "FinetunedPair", "GROUPS", "Generation", "ROLES", "Resolution", "SVDCache", "as_chat", "as_out_in",
            "bf16_supported", "cache_keyword", "check_device", "decoder_layers", "fingerprint",
            "fingerprint_differences", "fingerprint_id", "fingerprint_like", "generate", "is_role", "layer_stack",
            "load_model", "load_tokenizer", "model_directory", "num_layers", "params", "resolve_model",

@@ -17,6 +17,12 @@ def unwrap_lm(model: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=None)
+def as_out_in(module: Any, w: Any) -> Any:
+    """`w` (a weight of `module`, or a difference of two) as out x in, like PEFT's B @ A: GPT-2's Conv1D stores its
+    weight in x out, so it is transposed; any other module's is returned as it is."""
+    return w.T if type(module).__name__ == "Conv1D" else w
+
+
 def params(fn: Any) -> frozenset[str]:
     """Parameter names of a transformers function (looked up once: these are called every step)."""
     return frozenset(inspect.signature(fn).parameters)

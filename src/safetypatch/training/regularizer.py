@@ -27,7 +27,7 @@ class OverlapPenalty:
         import torch
         from peft.tuners.lora import LoraLayer
 
-        from ..modeling import SVDCache, unwrap_lm
+        from ..modeling import SVDCache, as_out_in, unwrap_lm
 
         if side not in SIDES or variant not in VARIANTS:
             raise ConfigError(f"overlap side must be one of {SIDES} and variant one of {VARIANTS}")
@@ -38,9 +38,8 @@ class OverlapPenalty:
         for name, mod in model.named_modules():
             if not isinstance(mod, LoraLayer) or adapter not in mod.lora_A:
                 continue
-            w0 = mod.get_base_layer().weight.detach().float()
-            if getattr(mod, "fan_in_fan_out", False):  # GPT-2's Conv1D stores W0 as in x out; dW = B A is out x in
-                w0 = w0.T
+            base_layer = mod.get_base_layer()
+            w0 = as_out_in(base_layer, base_layer.weight.detach().float())  # dW = B A is out x in
             u, s, vh = cache.get(name.replace("base_model.model.", "", 1), w0)
             kk = min(k, s.numel())
             weight = torch.ones(kk, dtype=torch.float64) if variant == "uniform" else s[:kk] / s[0]
