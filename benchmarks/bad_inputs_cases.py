@@ -885,9 +885,63 @@ def flag_cases() -> list[Case]:
     ]
 
 
+def sweep_report_cases() -> list[Case]:
+    """`safetypatch sweep` files and flags (checked before anything trains), `safetypatch report` inputs."""
+    sw = ["sweep", "{d}/s.yaml", "--out", "{d}/sw"]
+    recipe = ("recipe: {model: '@model', data: '@harmful', benign: '@benign', dev_harmful: '@harmful', "
+              "dev_benign: '@benign', target_modules: [up_proj], layers: all}\n")
+
+    def sweep(body: str | bytes) -> Callable[[Ctx], None]:
+        """Write the sweep file with the tiny model and data paths in place of @model / @harmful / @benign (YAML's
+        braces rule out str.format)."""
+        def setup(ctx: Ctx) -> None:
+            text = body.decode("latin-1") if isinstance(body, bytes) else body
+            for key, value in (("@model", ctx.model), ("@harmful", ctx.data["harmful"]),
+                               ("@benign", ctx.data["benign"])):
+                text = text.replace(key, str(value))
+            write("s.yaml", text.encode("latin-1") if isinstance(body, bytes) else text)(ctx)
+        return setup
+
+    grid = sweep(recipe + "grid: {rank: [1, 2]}\n")
+    report = ["report", "{d}/in", "-o", "{d}/r.html"]
+    return [
+        E("sweep-key-not-recipe", "sweep", sw, ("rnak", "valid keys"), "sweep grid key 'rnak'",
+          setup=sweep(recipe + "grid: {rnak: [1, 2]}\n")),
+        E("sweep-grid-empty-list", "sweep", sw, "grid.rank", "sweep grid rank: []",
+          setup=sweep(recipe + "grid: {rank: []}\n")),
+        E("sweep-no-points", "sweep", sw, "grid", "sweep with neither grid nor points", setup=sweep(recipe)),
+        E("sweep-value-type", "sweep", sw, "rank", "sweep grid rank: [1, four]",
+          setup=sweep(recipe + "grid: {rank: [1, four]}\n")),
+        E("sweep-role-missing", "sweep", sw, "attn.qq", "sweep point targeting a module the model lacks",
+          setup=sweep(recipe + "grid: {target_modules: [up_proj, attn.qq]}\n")),
+        E("sweep-file-missing", "sweep", ["sweep", "{d}/nosuch.yaml", "--out", "{d}/sw"], "nosuch.yaml",
+          "sweep file that does not exist"),
+        E("sweep-unknown-name", "sweep", ["sweep", "nosuch_sweep", "--out", "{d}/sw"], "nosuch_sweep",
+          "sweep name that is not shipped"),
+        E("sweep-yaml-list", "sweep", sw, "s.yaml", "a sweep file holding a list", setup=sweep("- 1\n")),
+        E("sweep-yaml-non-utf8", "sweep", sw, "s.yaml", "a Latin-1 sweep file",
+          setup=sweep((recipe + "name: caf\xe9\ngrid: {rank: [1]}\n").encode("latin-1"))),
+        E("sweep-jobs-zero", "sweep", [*sw, "--jobs", "0"], "--jobs", "sweep --jobs 0", setup=grid),
+        E("sweep-jobs-no-gpu", "sweep", [*sw, "--jobs", "2"], "--jobs", "sweep --jobs 2 on a CPU machine",
+          setup=grid),
+        E("sweep-only-unknown", "sweep", [*sw, "--only", "rank-3"], ("--only", "rank-3"), "sweep --only rank-3",
+          setup=grid),
+        E("sweep-out-is-file", "sweep", sw, "{d}/sw", "sweep --out naming a file",
+          setup=both(grid, write("sw", "x"))),
+        E("report-input-missing", "report", report, "{d}/in", "report over a path that does not exist"),
+        E("report-input-not-a-run", "report", report, "{d}/in", "report over an empty directory", setup=mkdir("in")),
+        E("report-sweep-json-corrupt", "report", report, "sweep.json", "report over a sweep with a broken sweep.json",
+          setup=write("in/sweep.json", "{not json")),
+        E("report-output-exists", "report", ["report", "{d}/in", "-o", "{d}/r.html"], "{d}/r.html",
+          "report onto an existing file without --overwrite",
+          setup=both(write("r.html", "keep"), write("in/summary.json", "{}"))),
+    ]
+
+
 def all_cases() -> list[Case]:
     groups = {"numbers": number_cases(), "files": file_cases(), "patch": patch_cases(), "names": name_cases(),
-              "outputs": output_cases(), "resume": resume_cases(), "text": text_cases(), "flags": flag_cases()}
+              "outputs": output_cases(), "resume": resume_cases(), "text": text_cases(), "flags": flag_cases(),
+              "sweeps": sweep_report_cases()}
     out = []
     for kind, cases in groups.items():
         for c in cases:

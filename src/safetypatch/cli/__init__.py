@@ -1,11 +1,12 @@
-"""Command line: `safetypatch train | demo | eval | runs | compare | patch ... | analyze | calibrate | chat | redteam`.
+"""Command line: `safetypatch train | demo | eval | runs | compare | patch ... | analyze | sweep | report | calibrate |
+chat | redteam`.
 
 One module per command group (train.py: train and demo; evaluate.py: eval, runs, compare; patch.py: the patch
-group; analyze.py, calibrate.py, chat.py, redteam.py); each command's flags are generated from its config
-dataclass by flags.py, so every default is written once. A module of this folder that defines `register(sub)` and
-`HELP_ORDER` is a command group that `build_parser` finds: a new command is one new module. Heavy imports happen
-inside the command functions, so building the parser (and `--help`) is instant. `main` prints any
-SafetypatchError as `error: ...` (exit status 2). No parser takes abbreviated flags (`flags.Parser`).
+group; analyze.py, sweep.py, report.py, calibrate.py, chat.py, redteam.py); each command's flags are generated
+from its config dataclass by flags.py, so every default is written once. A module of this folder that defines
+`register(sub)` and `HELP_ORDER` is a command group that `build_parser` finds: a new command is one new module.
+Heavy imports happen inside the command functions, so building the parser (and `--help`) is instant. `main`
+prints any SafetypatchError as `error: ...` (exit status 2). No parser takes abbreviated flags (`flags.Parser`).
 """
 
 from __future__ import annotations

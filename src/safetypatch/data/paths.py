@@ -40,6 +40,21 @@ def looks_like_hub_id(spec: str, suffixes: tuple[str, ...], split: bool = False)
     return not is_directory(Path(name.split("/")[0]))
 
 
+def shipped_or_path(spec: str, directory: Path, kind: str, error: type[Exception]) -> Path:
+    """A YAML file shipped in `directory` by name (`quick` -> DIR/quick.yaml), or a YAML file by path; `error`
+    (naming the file, or the shipped names) when neither exists. `kind`: 'suite', 'sweep', ..."""
+    p = Path(spec).expanduser()
+    if p.suffix in (".yaml", ".yml") or path_exists(p):
+        if not (path_exists(p) and p.is_file()):
+            raise error(f"{p}: no such {kind} file{missing_path_hint(spec)}")
+        return p
+    shipped = directory / f"{spec}.yaml"
+    if not shipped.exists():
+        names = ", ".join(sorted(f.stem for f in directory.glob("*.yaml")))
+        raise error(f"unknown {kind} '{spec}'; shipped {kind}s: {names} (or a path to a .yaml)")
+    return shipped
+
+
 def missing_path_hint(spec: str) -> str:
     """Why a missing value was taken as a local path, for the error message."""
     first = str(spec).split("/")[0]

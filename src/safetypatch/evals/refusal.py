@@ -48,19 +48,25 @@ def load_prompt_file(spec: str, prompt_field: str = "prompt", limit: int | None 
 
 
 def generate_and_judge(model: Any, tok: Any, records: list[Record], variants: list[str], judges: tuple[str, ...],
-                       gen: GenerationConfig) -> list[dict[str, Any]]:
+                       gen: GenerationConfig, progress: bool = True) -> list[dict[str, Any]]:
     """Rows of the samples.jsonl contract for each variant ('base' / 'patched') of one loaded model."""
-    return judged_rows(TransformersBackend(model, tok), records, variants, judges, gen)
+    return judged_rows(TransformersBackend(model, tok), records, variants, judges, gen, progress)
 
 
 def judged_rows(backend: Backend, records: list[Record], variants: list[str], judges: tuple[str, ...],
-                gen: GenerationConfig) -> list[dict[str, Any]]:
-    """`generate_and_judge` through a backend: its answers for each variant, judged."""
+                gen: GenerationConfig, progress: bool = True) -> list[dict[str, Any]]:
+    """`generate_and_judge` through a backend: its answers for each variant, judged. With `progress`, bars
+    "generating (VARIANT)" and "judging (VARIANT): JUDGES" (stderr)."""
+    from tqdm.auto import tqdm
+
     judge_objs = [get_judge(j) for j in judges]
     rows: list[dict[str, Any]] = []
     for name in variants:
-        gens = backend.generate([r.chat() for r in records], gen, variant=name, desc=f"generating ({name})")
-        for i, (r, g) in enumerate(zip(records, gens)):
+        gens = backend.generate([r.chat() for r in records], gen, variant=name, desc=f"generating ({name})",
+                                progress=progress)
+        judging = tqdm(list(zip(records, gens)), desc=f"judging ({name}): {', '.join(judges)}", leave=False,
+                       disable=not progress or len(records) < 2)
+        for i, (r, g) in enumerate(judging):
             row: dict[str, Any] = {"model": name, "prompt": r.prompt, "response": g.text}
             for j in judge_objs:
                 row[j.name] = j.judge(r.prompt, g.text).refused
@@ -93,8 +99,8 @@ def summarize(rows: list[dict[str, Any]], judges: tuple[str, ...], group_by: str
 
 
 def run_eval(req: EvalRequest, out_dir: str | Path, resume: bool = False,
-             model_and_tok: tuple[Any, Any] | None = None) -> dict[str, Any]:
-    """Generate, judge and write samples.jsonl + summary.json; returns the summary."""
+             model_and_tok: tuple[Any, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Generate, judge and write samples.jsonl + summary.json; returns the summary (`progress`: bars on stderr)."""
     from ..data.readers import write_jsonl_atomic
     from ..modeling import load_model
     from .backend import transformers_backend
@@ -110,7 +116,7 @@ def run_eval(req: EvalRequest, out_dir: str | Path, resume: bool = False,
     variants = ["base"]
     if req.patch:
         variants = (["base"] if req.with_base else []) + ["patched"]
-    rows = judged_rows(backend, records, variants, tuple(req.judges), req.generation)
+    rows = judged_rows(backend, records, variants, tuple(req.judges), req.generation, progress)
     write_jsonl_atomic(out / "samples.jsonl", rows)
     summary = {
         "model": req.model, "patch": req.patch, "prompts": req.prompts, "n_prompts": len(records),

@@ -26,11 +26,14 @@ log = logging.getLogger(__name__)
 
 
 def update_records(model: Any, updates: dict[Key, "torch.Tensor"], ks: Sequence[int] = KS, seed: int = 0,
-                   cache: SVDCache | None = None) -> list[dict[str, Any]]:
-    """One record per update: layer, module, weight name, shape, and weight_metrics."""
+                   cache: SVDCache | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """One record per update: layer, module, weight name, shape, and weight_metrics (`progress`: a bar on stderr)."""
+    from tqdm.auto import tqdm
+
     cache = cache or SVDCache(model)
     records = []
-    for key in sorted(updates):
+    for key in tqdm(sorted(updates), desc="geometry: metrics per module", leave=False,
+                    disable=not progress or len(updates) < 2):
         w0 = base_weight(model, key)
         name = weight_name(model, key)
         dw = updates[key]
@@ -46,10 +49,11 @@ def analyze_with_shift(model_spec: str, patch: str | Path | None = None, finetun
                        ks: Sequence[int] = KS, out_dir: str | Path | None = None,
                        prompts_harmful: Sequence[Any] | None = None, prompts_benign: Sequence[Any] | None = None,
                        shift: bool = True, limit: int = 20, seed: int = 0, verify: bool = True,
-                       chat_template: str = "auto") -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+                       chat_template: str = "auto", progress: bool = True
+                       ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """analyze(), also returning the hidden-state shift ({'harmful': [...], 'benign': [...], ...} or None).
     `verify=False` skips the patch's sha256 check (its base fingerprint is still checked); `chat_template` is
-    --chat-template (the prompts' format for the shift)."""
+    --chat-template (the prompts' format for the shift); `progress`: bars on stderr."""
     if (patch is None) == (finetuned is None):
         raise ConfigError("give exactly one of patch= (a LoRA patch dir) or finetuned= (a fine-tuned model)")
     model, tok = load_model(model_spec, chat_template=chat_template)
@@ -57,7 +61,7 @@ def analyze_with_shift(model_spec: str, patch: str | Path | None = None, finetun
     updates = patch_updates(model, patch, verify) if patch is not None else full_updates(model, ft)
     if not updates:
         log.warning("no weight differs from the base model; nothing to analyse")
-    records = update_records(model, updates, ks, seed)
+    records = update_records(model, updates, ks, seed, progress=progress)
     shift_res = None
     if shift:
         harmful, benign = default_prompts(limit)
@@ -68,8 +72,10 @@ def analyze_with_shift(model_spec: str, patch: str | Path | None = None, finetun
             base = None
         else:
             target, base = ft, model
-        shift_res = {"harmful": hidden_shift(target, tok, harmful, base=base),
-                     "benign": hidden_shift(target, tok, benign, base=base),
+        shift_res = {"harmful": hidden_shift(target, tok, harmful, base=base, progress=progress,
+                                             desc="shift: harmful prompts"),
+                     "benign": hidden_shift(target, tok, benign, base=base, progress=progress,
+                                            desc="shift: benign prompts"),
                      "n_harmful": len(harmful), "n_benign": len(benign)}
     if out_dir is not None:
         write_outputs(out_dir, records, shift_res, ks)
@@ -79,11 +85,11 @@ def analyze_with_shift(model_spec: str, patch: str | Path | None = None, finetun
 def analyze(model_spec: str, patch: str | Path | None = None, finetuned: str | Path | None = None,
             ks: Sequence[int] = KS, out_dir: str | Path | None = None, prompts_harmful: Sequence[Any] | None = None,
             prompts_benign: Sequence[Any] | None = None, shift: bool = True, limit: int = 20,
-            seed: int = 0) -> list[dict[str, Any]]:
+            seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
     """Geometry records for a LoRA patch (`patch`) or a fully fine-tuned model (`finetuned`) on `model_spec`.
 
     With `out_dir`, writes geometry.json, overlap_heatmap.png and (unless shift=False) shift.json and shift.png.
     Prompts default to the built-in dev splits (`limit` each).
     """
     return analyze_with_shift(model_spec, patch, finetuned, ks, out_dir, prompts_harmful, prompts_benign,
-                              shift, limit, seed)[0]
+                              shift, limit, seed, progress=progress)[0]

@@ -91,7 +91,8 @@ def sweep(model: Any, tok: Any, cfg: CalibrationConfig, progress: bool = True,
         for factor in tqdm(sorted(set(cfg.factors) | {0.0}), desc="calibrating", disable=not progress):
             set_scale(model, factor, base_scaling)
             with bf16_autocast(device, bf16):
-                rates = refusal_rates(model, tok, harmful, benign, cfg.max_new_tokens, batch_size=cfg.batch_size)
+                rates = refusal_rates(model, tok, harmful, benign, cfg.max_new_tokens, batch_size=cfg.batch_size,
+                                      progress=progress, desc=f"dev check (factor {factor:g})")
             curve.append({"factor": factor, **{k: round(v, 4) for k, v in rates.items()}})
     finally:
         set_scale(model, 1.0, base_scaling)

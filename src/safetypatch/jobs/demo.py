@@ -71,7 +71,8 @@ def run_demo(out: str | Path | None = None, cfg: TrainConfig | None = None, eval
     all_rows = []
     for name in ("harmful", "benign"):
         records = builtin_split(name, "test")[: eval_limit or None]
-        rows = generate_and_judge(result.model, tok, records, ["base", "patched"], DEFAULT_JUDGES, gen)
+        rows = generate_and_judge(result.model, tok, records, ["base", "patched"], DEFAULT_JUDGES, gen,
+                                  progress=progress)
         for r in rows:
             r["set"] = name
         all_rows += rows

@@ -153,12 +153,14 @@ def rates(model: Any, tok: Any, held: list[Record], benign: list[Record], cfg: R
     return out
 
 
-def benign_base_answers(model: Any, tok: Any, benign: list[Record], max_new_tokens: int) -> list[Any]:
+def benign_base_answers(model: Any, tok: Any, benign: list[Record], max_new_tokens: int,
+                        progress: bool = True) -> list[Any]:
     """The base model's greedy answers to the benign prompts (adapter off; cached by `training.anchors`)."""
     from ..modeling import Generation
     from ..training.anchors import base_answers
 
-    answers = base_answers(model, tok, benign, max_new_tokens, batch_size=GenerationConfig().batch_size)
+    answers = base_answers(model, tok, benign, max_new_tokens, batch_size=GenerationConfig().batch_size,
+                           progress=progress)
     return [Generation(tok.decode(ids, skip_special_tokens=True), ids, finished) for ids, finished in answers]
 
 
@@ -304,7 +306,7 @@ class Rounds:
     def evaluate(self, stack: Path) -> dict[str, Any]:
         """`rates` of the stack on the held-out prompts and the benign dev prompts."""
         model, tok = attach(stack, self.factory)
-        base = benign_base_answers(model, tok, self.benign, self.cfg.max_new_tokens)
+        base = benign_base_answers(model, tok, self.benign, self.cfg.max_new_tokens, self.progress)
         return rates(model, tok, self.held, self.benign, self.cfg, base, progress=self.progress)
 
     def record(self, rdir: Path, row: dict[str, Any]) -> dict[str, Any]:

@@ -105,7 +105,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, device: s
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     t0 = time.time()
-    job = setup(cfg, run, device, resume, model_and_tok)
+    job = setup(cfg, run, device, resume, model_and_tok, progress)
     state = restore(job, resume)
     speed, train_seconds = loop(job, state, progress)
     if state.best is not None:
@@ -140,7 +140,8 @@ def claim_run(cfg: TrainConfig, run: Path, resume: bool) -> None:
     atomic_write_json(run / MARKER, to_dict(cfg))
 
 
-def setup(cfg: TrainConfig, run: Path, device: str, resume: bool, model_and_tok: tuple[Any, Any] | None) -> Job:
+def setup(cfg: TrainConfig, run: Path, device: str, resume: bool, model_and_tok: tuple[Any, Any] | None,
+          progress: bool = True) -> Job:
     """Model, data, trainable parameters (with their initialisation), optimizer, schedule and dev prompts; the run
     directory is claimed once the recipe fits the model (layers, target modules) and every data file was read."""
     import torch
@@ -149,13 +150,13 @@ def setup(cfg: TrainConfig, run: Path, device: str, resume: bool, model_and_tok:
     model, tok = model_and_tok or load_model(cfg.model, chat_template=cfg.chat_template)
     check_model_fit(cfg, model)
     model.to(device)
-    examples, data_meta, sources = build_examples(cfg, model, tok)
+    examples, data_meta, sources = build_examples(cfg, model, tok, progress=progress)
     dev = dev_prompts(cfg.dev_harmful, cfg.dev_benign, cfg.dev_size, cfg.prompt_field)
     if cfg.method == "lora" and cfg.init in ("contrast", "lda") and not sources["anchor"]:
         raise ConfigError(f"init '{cfg.init}' needs benign prompts: set --benign (or --init default)")
     claim_run(cfg, run, resume)
     model = prepare_model(cfg, model)
-    init_patch(cfg, model, tok, sources, data_meta, fresh=not has_checkpoint(run))
+    init_patch(cfg, model, tok, sources, data_meta, fresh=not has_checkpoint(run), progress=progress)
     overlap = overlap_penalty(cfg, model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -171,13 +172,13 @@ def setup(cfg: TrainConfig, run: Path, device: str, resume: bool, model_and_tok:
 
 
 def init_patch(cfg: TrainConfig, model: Any, tok: Any, sources: dict[str, list[Record]], data_meta: dict[str, Any],
-               fresh: bool) -> None:
+               fresh: bool, progress: bool = True) -> None:
     """LoRA A: the contrast / LDA initialisation (on a fresh run; a checkpoint holds A), then frozen if asked."""
     if cfg.method != "lora":
         return
     if cfg.init in ("contrast", "lda") and fresh:
         sep = contrast_init(model, tok, sources["refusal"], sources["anchor"], lda=cfg.init == "lda",
-                            max_length=cfg.max_length)
+                            max_length=cfg.max_length, progress=progress)
         data_meta["init"] = {"method": cfg.init, "fisher_separation": sep}
     if cfg.freeze_a:
         for n, p in model.named_parameters():
@@ -217,7 +218,7 @@ def loop(job: Job, state: Progress, progress: bool) -> tuple[SpeedPaths, float]:
     from tqdm.auto import tqdm
 
     t_train = time.time()
-    speed = SpeedPaths(job.model, job.cfg, job.examples, job.device, job.use_bf16, job.pad_id)
+    speed = SpeedPaths(job.model, job.cfg, job.examples, job.device, job.use_bf16, job.pad_id, progress=progress)
     bar = tqdm(total=job.total_steps, initial=state.step, desc=f"train ({job.cfg.method})", disable=not progress)
     with open(job.run / "train_log.jsonl", "a", encoding="utf-8") as log_f, bar, speed:
         Loop(job, state, speed, bar, log_f, t_train).run()  # leaving `speed`: fp32 weights, the model's kernel back
@@ -281,7 +282,8 @@ class Loop:
         model.eval()
         with bf16_autocast(job.device, job.use_bf16), self.speed.for_generation():
             # batch 64 on CPU too: ~1.6x faster than 16 with the shared-prefix decoding (docs/performance.md)
-            rates = refusal_rates(model, job.tok, *job.dev, cfg.dev_tokens, batch_size=64)
+            rates = refusal_rates(model, job.tok, *job.dev, cfg.dev_tokens, batch_size=64,
+                                  progress=not self.bar.disable, desc=f"dev check (step {state.step})")
         model.train()
         if state.base_benign is None:
             state.base_benign = rates["benign_refusal"]

@@ -46,6 +46,10 @@ class TrainConfig(PatchShape):
                                                              "(that direction whitened: Fisher's discriminant)"})
     freeze_a: bool = field(default=True, metadata={"help": "keep LoRA A fixed at its init (train B only)"})
     mix: str | None = field(default=None, metadata={"help": "general-purpose prompt/response file mixed into training"})
+    mix_prompt_field: str | None = field(default=None, metadata={
+        "help": "column holding the mixed data's prompt (default: --prompt-field)"})
+    mix_response_field: str | None = field(default=None, metadata={
+        "help": "column holding the mixed data's response (default: --response-field)"})
     mix_ratio: float = field(default=0.0, metadata={
         "min": 0, "lt": 1, "help": "fraction of mixed examples in the training set"})
     lr: float = field(default=2e-3, metadata={"gt": 0, "help": "peak learning rate"})

@@ -44,11 +44,14 @@ def dev_prompts(harmful: str, benign: str, size: int | None = None, prompt_field
 
 
 def refusal_rates(model: Any, tok: Any, harmful: list[Record], benign: list[Record], max_new_tokens: int,
-                  batch_size: int = 16) -> dict[str, float]:
-    """Fractions of harmful and benign prompts the model refuses (keyword judge on greedy answers)."""
+                  batch_size: int = 16, progress: bool = True, desc: str = "dev check") -> dict[str, float]:
+    """Fractions of harmful and benign prompts the model refuses (keyword judge on greedy answers). With
+    `progress`, the generation shows a bar named "`desc`: N harmful + M benign" (stderr; e.g. desc
+    "dev check (step 40)")."""
     gens = generate(model, tok, [r.chat() for r in harmful + benign],
-                    GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size), desc="dev check",
-                    progress=False, decided=keyword_refusal_decided)  # only the opening decides the verdict
+                    GenerationConfig(max_new_tokens=max_new_tokens, batch_size=batch_size),
+                    desc=f"{desc}: {len(harmful)} harmful + {len(benign)} benign", progress=progress,
+                    decided=keyword_refusal_decided)  # only the opening decides the verdict
     refused = [keyword_refusal(g.text) for g in gens]
     nh = len(harmful)
     return {"harmful_refusal": sum(refused[:nh]) / max(1, nh),

@@ -21,10 +21,10 @@ def records_hash(records: list[Record]) -> str:
     return sha256_text(*(json.dumps([r.chat(), r.response], sort_keys=True) for r in records))
 
 
-def build_examples(cfg: TrainConfig, model: Any, tok: Any
+def build_examples(cfg: TrainConfig, model: Any, tok: Any, progress: bool = True
                    ) -> tuple[list[Encoded], dict[str, Any], dict[str, list[Record]]]:
     """Tokenized training examples (refusals, anchors, mixed data), a description with data hashes, and the
-    source records by kind."""
+    source records by kind. `progress`: the anchor answers' bar (tokenizing is quick and shows none)."""
     data = BUILTIN_REFUSALS if cfg.data == "builtin" else cfg.data
     refusals = resolve_prompts(data, cfg.prompt_field, cfg.response_field, require_response=True)
     examples = [encode_example(tok, r.chat(), r.response or "", cfg.max_length, kind="refusal") for r in refusals]
@@ -34,14 +34,15 @@ def build_examples(cfg: TrainConfig, model: Any, tok: Any
         spec = BUILTIN_ANCHORS if cfg.benign == "builtin" else cfg.benign
         benign = resolve_prompts(spec, cfg.prompt_field, None)
         sources["anchor"] = benign
-        answers = base_answers(model, tok, benign, cfg.anchor_tokens)
+        answers = base_answers(model, tok, benign, cfg.anchor_tokens, progress=progress)
         for r, (ids, finished) in zip(benign, answers):
             if ids:
                 examples.append(encode_example(tok, r.chat(), ids, cfg.max_length, kind="anchor", close_turn=finished))
         meta["anchors"] = {"source": spec, "n": len(benign), "sha256": records_hash(benign),
                            "answer_tokens": cfg.anchor_tokens, "answered_by": "base model (greedy)"}
     if cfg.mix and cfg.mix_ratio > 0:
-        mix = read_records(cfg.mix, cfg.prompt_field, cfg.response_field, require_response=True)
+        mix = read_records(cfg.mix, cfg.mix_prompt_field or cfg.prompt_field,
+                           cfg.mix_response_field or cfg.response_field, require_response=True)
         n_mix = round(cfg.mix_ratio / (1 - cfg.mix_ratio) * len(examples))
         rng = random.Random(cfg.seed)
         chosen = [mix[rng.randrange(len(mix))] for _ in range(n_mix)] if n_mix > len(mix) else rng.sample(mix, n_mix)

@@ -25,13 +25,16 @@ def lora_modules(model: Any) -> dict[str, Any]:
 
 
 def mean_inputs(model: Any, tok: Any, records: list[Record], modules: dict[str, Any], tail: int = 5,
-                batch_size: int = 16, second_moment: bool = False, max_length: int | None = None) -> dict[str, Any]:
+                batch_size: int = 16, second_moment: bool = False, max_length: int | None = None,
+                progress: bool = True, desc: str = "A-init: mean inputs") -> dict[str, Any]:
     """Mean input of each module over the last `tail` prompt tokens (left-padded batches, adapter off). A prompt
     longer than `max_length` tokens keeps its last `max_length` (as training truncates prompts from the left).
 
-    With `second_moment`, values are (mean, E[x x^T]) pairs, for a within-class covariance.
+    With `second_moment`, values are (mean, E[x x^T]) pairs, for a within-class covariance. With `progress`, a bar
+    named `desc` counts the prompts (stderr).
     """
     import torch
+    from tqdm.auto import tqdm
 
     sums: dict[str, Any] = {}
     outer: dict[str, Any] = {}
@@ -54,6 +57,7 @@ def mean_inputs(model: Any, tok: Any, records: list[Record], modules: dict[str, 
     for name, mod in modules.items():
         hooks.append(mod.register_forward_pre_hook(make_hook(name)))
     device = next(model.parameters()).device
+    bar = tqdm(total=len(records), desc=desc, leave=False, disable=not progress or len(records) < 2)
     try:
         encoded = [prompt_ids(tok, r.chat()) for r in records]
         encoded = [ids[-max_length:] for ids in encoded] if max_length else encoded
@@ -70,7 +74,9 @@ def mean_inputs(model: Any, tok: Any, records: list[Record], modules: dict[str, 
             with torch.no_grad(), variant(model, "base"):
                 model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False)
             count += len(chunk) * min(tail, width)
+            bar.update(len(chunk))
     finally:
+        bar.close()
         for h in hooks:
             h.remove()
     if second_moment:
@@ -80,7 +86,7 @@ def mean_inputs(model: Any, tok: Any, records: list[Record], modules: dict[str, 
 
 def contrast_init(model: Any, tok: Any, harmful: list[Record], benign: list[Record], tail: int = 5,
                   adapter: str = "default", lda: bool = False, shrinkage: float = 0.1,
-                  max_length: int | None = None) -> dict[str, float]:
+                  max_length: int | None = None, progress: bool = True) -> dict[str, float]:
     """Set the rows of each LoRA A to benign-orthogonal harmful-minus-benign input directions.
 
     Row i gets the direction of harmful group i (see `harmful_groups`); rows beyond the number of groups keep
@@ -92,18 +98,24 @@ def contrast_init(model: Any, tok: Any, harmful: list[Record], benign: list[Reco
 
     Returns, per module, Fisher's separation of the chosen directions (mean over rows): the gap between the two
     classes' mean projections divided by the pooled standard deviation of the projections.
+
+    With `progress`, bars named "A-init: ..." show the passes over the prompts and the modules (stderr).
     """
     import torch
+    from tqdm.auto import tqdm
 
     modules = lora_modules(model)
     rank = next(iter(modules.values())).lora_A[adapter].weight.shape[0] if modules else 1
     groups = harmful_groups(harmful, rank)
-    stats_hs = [mean_inputs(model, tok, g, modules, tail, second_moment=True, max_length=max_length)
-                for g in groups]
-    stats_b = mean_inputs(model, tok, benign, modules, tail, second_moment=True, max_length=max_length)
+    names = [f"harmful group {k + 1}/{len(groups)}" if len(groups) > 1 else "harmful" for k in range(len(groups))]
+    stats_hs = [mean_inputs(model, tok, g, modules, tail, second_moment=True, max_length=max_length,
+                            progress=progress, desc=f"A-init: {what} prompts") for g, what in zip(groups, names)]
+    stats_b = mean_inputs(model, tok, benign, modules, tail, second_moment=True, max_length=max_length,
+                          progress=progress, desc="A-init: benign prompts")
     report = {}
     with torch.no_grad():
-        for name, mod in modules.items():
+        for name, mod in tqdm(modules.items(), total=len(modules), desc="A-init: directions per module",
+                              leave=False, disable=not progress or len(modules) < 2):
             A = mod.lora_A[adapter].weight  # (r, in)
             target_norm = A[0].norm().clamp_min(1e-6)  # keep PEFT's initial scale
             seps = []

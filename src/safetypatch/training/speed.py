@@ -38,7 +38,7 @@ class PrefixCache:
     generic = False  # states from the model's own forward (`layer_input`) rather than the hand-run stack
 
     def __init__(self, model: Any, examples: list[Encoded], cfg: TrainConfig, device: str, use_bf16: bool,
-                 pad_id: int, shared: int = 0, probe: list[int] | None = None):
+                 pad_id: int, shared: int = 0, probe: list[int] | None = None, progress: bool = True):
         self.active = False
         self.shared = shared  # leading tokens all examples share, run once per build batch
         self.reason = ""
@@ -65,7 +65,7 @@ class PrefixCache:
         self.start, self.device, self.use_bf16 = start, device, use_bf16
         self.dtype_name = cfg.prefix_cache_dtype
         built_by = self._choose_bottom(lm, examples, pad_id, probe or list(range(min(4, len(examples)))))
-        self._build(model, examples, pad_id)
+        self._build(model, examples, pad_id, progress=progress)
         self.active = True
         self.reason = f"layers 0-{start - 1} cached ({self.megabytes:.1f} MB, {cfg.prefix_cache_dtype}{built_by})"
 
@@ -113,20 +113,26 @@ class PrefixCache:
         return run_stack(dec, list(dec.layers[: self.start]), dec.embed_tokens(input_ids), attention_mask,
                          self.shared)
 
-    def _build(self, model: Any, examples: list[Encoded], pad_id: int, batch_size: int = 16) -> None:
+    def _build(self, model: Any, examples: list[Encoded], pad_id: int, batch_size: int = 16,
+               progress: bool = True) -> None:
+        """The states of every example, shortest first in batches; with `progress`, a "prefix cache" bar (stderr)."""
         import torch
+        from tqdm.auto import tqdm
 
         lm = unwrap_lm(model)
         dtype = getattr(torch, self.dtype_name)
         order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
         self.states = [None] * len(examples)
-        with torch.no_grad(), bf16_autocast(self.device, self.use_bf16):
+        bar = tqdm(total=len(examples), desc=f"prefix cache (layers 0-{self.start - 1})", leave=False,
+                   disable=not progress or len(examples) < 2)
+        with bar, torch.no_grad(), bf16_autocast(self.device, self.use_bf16):
             for k in range(0, len(order), batch_size):
                 idx = order[k: k + batch_size]
                 b = collate(examples, idx, pad_id)
                 h = self.bottom(lm, b["input_ids"].to(self.device), b["attention_mask"].to(self.device))
                 for row, i in enumerate(idx):
                     self.states[i] = h[row, : len(examples[i].input_ids)].to(dtype).clone()
+                bar.update(len(idx))
 
     def batch(self, idx: list[int], width: int) -> Any:
         """Right-padded [B, width, hidden] float32 states for these examples (padding rows are zeros)."""
@@ -152,12 +158,13 @@ class SpeedPaths:
     frozen linear weights under bf16 autocast, and the attention kernel. On entry the start-up check
     (training/speed_check.py) compares their loss and gradient with the model's own forward; while they differ,
     paths are switched off one at a time in ORDER, each with one line saying why (stderr and `describe()`).
-    `collate(idx)` builds a batch that uses them; `for_generation()` is a context for dev checks in between."""
+    `collate(idx)` builds a batch that uses them; `for_generation()` is a context for dev checks in between.
+    With `progress`, the prefix cache's build and the start-up check show bars (stderr)."""
 
     def __init__(self, model: Any, cfg: TrainConfig, examples: list[Encoded], device: str, use_bf16: bool,
-                 pad_id: int):
+                 pad_id: int, progress: bool = True):
         self.model, self.cfg, self.examples, self.device = model, cfg, examples, device
-        self.use_bf16, self.pad_id = use_bf16, pad_id
+        self.use_bf16, self.pad_id, self.progress = use_bf16, pad_id, progress
         self.prefix: PrefixCache | None = None
         self.shared = 0
         self.shared_reason = "off"
@@ -242,17 +249,24 @@ class SpeedPaths:
 
     def _make_cache(self, shared: int, probe: list[int]) -> PrefixCache:
         return PrefixCache(self.model, self.examples, self.cfg, self.device, self.use_bf16, self.pad_id,
-                           shared=shared, probe=probe)
+                           shared=shared, probe=probe, progress=self.progress)
 
     def _verify(self, probe: Any) -> None:
         """The start-up check: switch paths off in ORDER until loss and gradient equal the model's own forward."""
-        why = probe.check(self.collate)
-        for name in ORDER:
-            if why is None:
-                break
-            if self._is_on(name):
-                self._switch_off(name, why, probe.idx)
-                why = probe.check(self.collate)
+        from tqdm.auto import tqdm
+
+        with tqdm(total=1, desc="speed check (loss and gradient vs the model's own forward)", leave=False,
+                  disable=not self.progress or probe.ref is None) as bar:
+            why = probe.check(self.collate)
+            bar.update(1)
+            for name in ORDER:
+                if why is None:
+                    break
+                if self._is_on(name):
+                    bar.total += 1  # one more check, without `name`
+                    self._switch_off(name, why, probe.idx)
+                    why = probe.check(self.collate)
+                    bar.update(1)
         n = len(probe.idx)
         self.checked = (f"loss and gradient equal to the model's own forward on {n} examples" if why is None
                         else f"still differs with every path off: {why}") if probe.ref is not None else "not run"
@@ -264,9 +278,11 @@ class SpeedPaths:
                 "train_attention": self._attn_train is not None, "bf16_frozen_weights": self.n_cast > 0}[name]
 
     def _switch_off(self, name: str, why: str, probe: list[int]) -> None:
-        """Switch path `name` off because of `why`, with one line on stderr."""
+        """Switch path `name` off because of `why`, with one line on stderr (above the start-up check's bar)."""
+        from tqdm.auto import tqdm
+
         self.switched_off[name] = why
-        print(f"speed path {name} switched off: with it on, {why}", file=sys.stderr)
+        tqdm.write(f"speed path {name} switched off: with it on, {why}", file=sys.stderr)
         line = f"off (start-up check: {why})"
         if name == "shared_prompt_prefix":
             self.prefix = self._make_cache(0, probe)

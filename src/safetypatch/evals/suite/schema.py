@@ -26,7 +26,7 @@ from typing import Any, Callable
 import yaml
 
 from ...config import GenerationConfig, from_dict
-from ...data.paths import missing_path_hint, path_exists
+from ...data.paths import shipped_or_path
 from ...data.text import check_json_unicode, read_text
 from ...errors import ConfigError, SuiteError
 from ...judges import JUDGES
@@ -52,15 +52,7 @@ def list_suites() -> list[str]:
 
 def suite_path(spec: str) -> Path:
     """A shipped suite by name, or a YAML file by path."""
-    p = Path(spec).expanduser()
-    if p.suffix in (".yaml", ".yml") or path_exists(p):
-        if not (path_exists(p) and p.is_file()):
-            raise SuiteError(f"{p}: no such suite file{missing_path_hint(spec)}")
-        return p
-    shipped = SUITES_DIR / f"{spec}.yaml"
-    if not shipped.exists():
-        raise SuiteError(f"unknown suite '{spec}'; shipped suites: {', '.join(list_suites())} (or a path to a .yaml)")
-    return shipped
+    return shipped_or_path(spec, SUITES_DIR, "suite", SuiteError)
 
 
 # ---------------------------------------------------------------------------------------------- field values

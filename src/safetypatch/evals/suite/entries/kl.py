@@ -26,7 +26,8 @@ class KLEntry(PromptEntry):
         out = Measured()
         run.log(f"{self.name}: KL(base || patched) on {len(p.items)} base answers")
         m = self.max_new_tokens_for(run.gen)
-        kl = measure_kl(run.backend, p.items, base_answers=[run.answer("base", m, r.chat()) for r in p.items])
+        kl = measure_kl(run.backend, p.items, base_answers=[run.answer("base", m, r.chat()) for r in p.items],
+                        progress=getattr(run, "progress", True))  # RunContext.progress where the job sets it
         for metric in ("kl_per_token", "kl_per_prompt"):
             out.metric("base", self.name, metric, 0.0, kl.n_tokens)  # KL(base || base) = 0 by definition
             out.metric("patched", self.name, metric, getattr(kl, metric), kl.n_tokens)

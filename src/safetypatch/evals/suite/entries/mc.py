@@ -33,7 +33,8 @@ class MCEntry(SuiteEntry):
         out = Measured()
         for v in run.variants:
             run.log(f"{v}: {self.name}: {len(p.items)} multiple-choice questions")
-            res = mc_accuracy(run.backend, p.items, style=self.style, variant=v, desc=f"{self.name} ({v})")
+            res = mc_accuracy(run.backend, p.items, style=self.style, variant=v, desc=f"{self.name} ({v})",
+                              progress=getattr(run, "progress", True))  # RunContext.progress where the job sets it
             out.metric(v, self.name, "accuracy", res.accuracy, res.n)
             if res.accuracy_norm is not None:
                 out.metric(v, self.name, "accuracy_norm", res.accuracy_norm, res.n)

@@ -26,7 +26,8 @@ class PerplexityEntry(SuiteEntry):
         out = Measured()
         for v in run.variants:
             run.log(f"{v}: {self.name}: perplexity on {len(p.items)} texts")
-            res = perplexity(run.backend, p.items, variant=v, max_length=self.max_length)
+            res = perplexity(run.backend, p.items, variant=v, max_length=self.max_length,
+                             progress=getattr(run, "progress", True))  # RunContext.progress where the job sets it
             out.metric(v, self.name, "perplexity", res.perplexity, res.n_tokens)
             out.metric(v, self.name, "nll_per_token", res.nll_per_token, res.n_tokens)
         return out

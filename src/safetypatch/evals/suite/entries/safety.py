@@ -82,15 +82,21 @@ class SafetyEntry(PromptEntry):
         return [(v, self.max_new_tokens_for(gen), chats) for v in variants]
 
     def measure(self, p: Prepared, run: RunContext) -> Measured:
+        from tqdm.auto import tqdm
+
         out = Measured()
         cells = [(a, i, r) for a in self.attacks for i, r in enumerate(p.items)]
+        progress = getattr(run, "progress", True)  # RunContext.progress where the job sets it
         for v in run.variants:
             rows: list[dict[str, Any]] = []
             for a, _, r in cells:
                 chat = attack_chat(a, r)
                 g = run.answer(v, self.max_new_tokens_for(run.gen), chat)
                 rows.append({"model": v, "prompt": chat[-1]["content"], "response": g.text})
-            for j in p.all_judges():
+            judging = tqdm(p.all_judges(), desc=f"{self.name} ({v}): judging {len(rows)} answers", leave=False,
+                           disable=not progress or not rows)
+            for j in judging:
+                judging.set_postfix_str(j)
                 # judges see the original request (what a classifier judges harm against), not the wrapper
                 judge_rows(j, run.judges[j], [r.prompt for _, _, r in cells], rows, with_label=j == p.class_judge)
             for row, (a, i, r) in zip(rows, cells):
