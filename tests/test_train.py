@@ -4,6 +4,7 @@ import shutil
 import pytest
 import torch
 
+from safetypatch.errors import SafetypatchError
 from safetypatch.training.config import TrainConfig
 from safetypatch.modeling import load_model
 from safetypatch.patches import load_patch
@@ -92,6 +93,20 @@ def test_full_finetuning_and_mixing(tiny_model_dir, harmful_file, benign_file, t
     base, _ = load_model(str(tiny_model_dir))
     changed = {n for (n, p), (_, q) in zip(tuned.named_parameters(), base.named_parameters()) if not torch.equal(p, q)}
     assert changed and all(".layers.1." in n for n in changed)
+
+
+def test_mixed_data_with_its_own_field_names(tiny_model_dir, harmful_file, benign_file, tmp_path):
+    """mix_prompt_field / mix_response_field read general data laid out unlike the refusal data (AlpacaEval's
+    instruction / output); without them the same file is a clear error naming the missing field."""
+    mix = tmp_path / "alpaca.json"
+    mix.write_text(json.dumps([{"instruction": f"q{i}", "output": f"answer {i}"} for i in range(30)]))
+    res = train(tiny_recipe(tiny_model_dir, harmful_file, benign_file, epochs=1, mix=str(mix), mix_ratio=0.3,
+                            mix_prompt_field="instruction", mix_response_field="output"), tmp_path / "r",
+                progress=False)
+    assert json.loads((res.output_dir / "patch.json").read_text())["data"]["mix"]["n"] > 0
+    with pytest.raises(SafetypatchError, match="prompt"):
+        train(tiny_recipe(tiny_model_dir, harmful_file, benign_file, epochs=1, mix=str(mix), mix_ratio=0.3),
+              tmp_path / "r2", progress=False)
 
 
 @pytest.mark.parametrize("init", ["contrast", "lda"])

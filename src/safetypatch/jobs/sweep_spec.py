@@ -161,6 +161,8 @@ def load_sweep(spec: str, quick: bool = False, overrides: dict[str, Any] | None 
     check_keys(recipe, f"{source}: recipe")
     combos, sweep.axes = expand(data, source)
     sweep.points = build_points(combos, recipe, source)
+    for p in sweep.points:  # a listed point that leaves an axis at the base recipe still has a value on it
+        p.values = {k: p.values.get(k, getattr(p.recipe, k)) for k in sweep.axes}
     return sweep
 
 
