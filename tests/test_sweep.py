@@ -67,7 +67,7 @@ def test_every_shipped_sweep_loads_with_and_without_quick():
     ({"grid": {"method": ["lora", "lorra"]}}, "field 'method' must be one of"),
     ({"points": [{"name": "a", "rank": 1}, {"name": "a", "rank": 2}]}, "repeats point 1"),
     ({"points": "rank=1"}, "'points' must be a non-empty list"),
-    ({"grid": {"rank": [1]}, "gird": 1}, "unknown top-level key(s) ['gird']"),
+    ({"grid": {"rank": [1]}, "gird": 1}, "unknown top-level field(s) ['gird']"),
     ({"grid": {"rank": [1]}, "eval": {"limit": 0}}, "eval.limit must be an integer >= 1"),
     ({"grid": {"rank": [1]}, "eval": {"suit": "quick"}}, "eval: unknown key(s) ['suit']"),
     ({"grid": {"rank": [1]}, "recipe": {"epoch": 1}}, "did you mean 'epochs'"),

@@ -99,3 +99,27 @@ def check_json_unicode(text: str, obj: Any, where: str, error: type[SafetypatchE
         code = f"\\u{ord(m.group(0)):04x}" if m else "\\ud8xx"
         raise error(f"{where}: holds the escape {code}, an unpaired surrogate that is no Unicode character; "
                     "remove it or write the intended character")
+
+
+def read_yaml_mapping(path: Path, error: type[SafetypatchError], top_level: tuple[str, ...], expected: str
+                      ) -> dict[str, Any]:
+    """A YAML file's top-level mapping (UTF-8 with or without a BOM) whose keys are all in `top_level`; `error`
+    naming the file otherwise (`expected`: what the top level should hold, for the message)."""
+    import yaml
+
+    source = str(path)
+    text = read_text(path, error)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise error(f"{source}: not valid YAML: {e}") from None
+    except (ValueError, RecursionError) as e:  # a value YAML accepts but Python cannot build (date 2020-13-45)
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise error(f"{source}: not usable YAML ({why})") from None
+    if not isinstance(data, dict):
+        raise error(f"{source}: expected a mapping with {expected} at the top level")
+    check_json_unicode(text, data, source, error)  # a "\ud800" escape: no character, unwritable as UTF-8
+    unknown = sorted(map(str, set(data) - set(top_level)))
+    if unknown:
+        raise error(f"{source}: unknown top-level field(s) {unknown}; known: {', '.join(top_level)}")
+    return data

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..config import from_dict, to_dict
 from ..data.paths import shipped_or_path
-from ..data.text import check_json_unicode, read_text
+from ..data.text import read_yaml_mapping
 from ..errors import ConfigError
 from ..training.config import TrainConfig
 
@@ -116,23 +116,7 @@ def sweep_path(spec: str) -> Path:
 
 
 def read_sweep_file(path: Path) -> dict[str, Any]:
-    import yaml
-
-    source = str(path)
-    text = read_text(path, ConfigError)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: not valid YAML: {e}") from None
-    except (ValueError, RecursionError) as e:
-        raise ConfigError(f"{source}: not usable YAML ({type(e).__name__}); write plain key: value pairs") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping with 'grid' or 'points' at the top level")
-    check_json_unicode(text, data, source, ConfigError)
-    unknown = sorted(map(str, set(data) - set(TOP_LEVEL)))
-    if unknown:
-        raise ConfigError(f"{source}: unknown top-level key(s) {unknown}; valid: {', '.join(TOP_LEVEL)}")
-    return data
+    return read_yaml_mapping(path, ConfigError, TOP_LEVEL, "'grid' or 'points'")
 
 
 def load_sweep(spec: str, quick: bool = False, overrides: dict[str, Any] | None = None,

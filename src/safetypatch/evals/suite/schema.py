@@ -23,11 +23,9 @@ from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
 from ...config import GenerationConfig, from_dict
 from ...data.paths import shipped_or_path
-from ...data.text import check_json_unicode, read_text
+from ...data.text import read_yaml_mapping
 from ...errors import ConfigError, SuiteError
 from ...judges import JUDGES
 from .entry import ENTRY_TYPES, JudgeSpec, SuiteEntry
@@ -176,22 +174,7 @@ def parse_entry(raw: Any, i: int, source: str) -> SuiteEntry:
 # ---------------------------------------------------------------------------------------------- the file
 def read_mapping(path: Path) -> dict[str, Any]:
     """The suite file's top-level mapping (UTF-8 with or without a BOM); errors name the file."""
-    source = str(path)
-    text = read_text(path, SuiteError)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise SuiteError(f"{source}: not valid YAML: {e}") from None
-    except (ValueError, RecursionError) as e:  # a value YAML accepts but Python cannot build (date 2020-13-45)
-        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
-        raise SuiteError(f"{source}: not usable YAML ({why})") from None
-    if not isinstance(data, dict):
-        raise SuiteError(f"{source}: expected a mapping with 'entries' at the top level")
-    check_json_unicode(text, data, source, SuiteError)  # a "\ud800" escape: no character, unwritable as UTF-8
-    unknown = sorted(map(str, set(data) - set(TOP_LEVEL)))
-    if unknown:
-        raise SuiteError(f"{source}: unknown top-level field(s) {unknown}; known: {', '.join(TOP_LEVEL)}")
-    return data
+    return read_yaml_mapping(path, SuiteError, TOP_LEVEL, "'entries'")
 
 
 def generation_settings(value: Any, source: str) -> GenerationConfig:
