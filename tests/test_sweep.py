@@ -71,6 +71,7 @@ def test_every_shipped_sweep_loads_with_and_without_quick():
     ({"grid": {"rank": [1]}, "eval": {"limit": 0}}, "eval.limit must be an integer >= 1"),
     ({"grid": {"rank": [1]}, "eval": {"suit": "quick"}}, "eval: unknown key(s) ['suit']"),
     ({"grid": {"rank": [1]}, "recipe": {"epoch": 1}}, "did you mean 'epochs'"),
+    ({"grid": {"mix_ratio": [0.0]}, "recipe": {"benign": "none"}}, "init 'lda' needs benign prompts"),
 ])
 def test_bad_sweep_files_name_the_key(tmp_path, data, message):
     path = write(tmp_path / "bad.yaml", data)

@@ -129,6 +129,9 @@ class TrainConfig(PatchShape):
                 raise ConfigError(f"{where}: field '{name}' must be one of {allowed}, got {getattr(self, name)!r}")
         if self.overlap_beta > 0 and self.method != "lora":
             raise ConfigError(f"{where}: the overlap regularizer ('overlap_beta') applies to method 'lora' only")
+        if self.method == "lora" and self.init in ("contrast", "lda") and (self.benign or "none").lower() == "none":
+            raise ConfigError(f"{where}: init '{self.init}' needs benign prompts (field 'benign' is "
+                              f"{self.benign!r}): set 'benign', or use init 'default'")
         if self.mix_ratio > 0 and not self.mix:
             raise ConfigError(f"{where}: field 'mix_ratio' is {self.mix_ratio} but no 'mix' file is given")
         check_choice(self.chat_template, where=where)
