@@ -158,8 +158,7 @@ def run_points(plan: Plan, cfg: SweepConfig, out: Path) -> None:
         for i, p in enumerate(plan.points):
             bar.set_postfix_str(f"point {i + 1}/{len(plan.points)} {p.name}")
             if point_status(out, p) != "done":
-                run_point(plan.spec, p, cfg, out)
-                print(point_line(out, p), file=sys.stderr, flush=True)
+                print(point_line(run_point(plan.spec, p, cfg, out)), file=sys.stderr, flush=True)
             bar.update(round(plan.estimates[p.name]))
 
 
@@ -249,12 +248,12 @@ def headline(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
-def point_line(out: Path, p: Point) -> str:
-    rec = json.loads((point_dir(out, p.name) / "point.json").read_text())
+def point_line(rec: dict[str, Any]) -> str:
+    """One line for a finished point's record (point.json): its seconds and headline numbers (patched)."""
     h = rec["headline"].get("patched", {})
     parts = [f"{k.replace('_', ' ')} {v:.0%}" if "refusal" in k or "accuracy" in k else f"{k.replace('_', ' ')} "
              f"{v:.3f}" for k, v in h.items() if v is not None]
-    return f"point {p.name} done in {sum(rec['seconds'].values()):.0f} s: " + ", ".join(parts)
+    return f"point {rec['name']} done in {sum(rec['seconds'].values()):.0f} s: " + ", ".join(parts)
 
 
 def format_results(plan: Plan, out: Path) -> str:

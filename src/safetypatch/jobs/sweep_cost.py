@@ -72,13 +72,9 @@ def check_points(points: list[Any], skeleton: Any) -> None:
             raise ConfigError(f"point {p.name}: {e}") from None
 
 
-def data_chars(cfg: TrainConfig) -> tuple[int, float]:
-    """(examples, characters per example) of the training set, anchors counted at `anchor_tokens` answers."""
-    return data_sizes(cfg)[:2]
-
-
 def data_sizes(cfg: TrainConfig) -> tuple[int, float, float]:
-    """(examples, characters per example, prompt characters per example) of the training set."""
+    """(examples, characters per example, prompt characters per example) of the training set, anchors counted at
+    `anchor_tokens` answers."""
     from ..data.builtin import BUILTIN_ANCHORS, BUILTIN_REFUSALS, resolve_prompts
 
     refusals = resolve_prompts(BUILTIN_REFUSALS if cfg.data == "builtin" else cfg.data, cfg.prompt_field,
