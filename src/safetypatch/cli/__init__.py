@@ -44,6 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # transformers 5 warns about a deprecated attribute that peft still reads; nothing a user can act on
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command line as given (`train --launch` reruns it)
     try:
         return int(args.func(args) or 0)
     except (SafetypatchError, FileExistsError) as e:

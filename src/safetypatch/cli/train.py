@@ -24,6 +24,12 @@ class TrainArgs:
     config: str | None = field(default=None, metadata=RECIPE)
     out: str = field(metadata={"required": True, "help": "run directory (the patch goes to OUT/patch)"})
     resume: bool = field(default=False, metadata={"help": "continue an interrupted run in OUT"})
+    launch: str | None = field(default=None, metadata={
+        "choices": ("ddp", "fsdp", "zero2", "zero3"),
+        "help": "run this command under `accelerate launch` with the shipped config: ddp (GPUs, or CPU processes "
+                "over gloo), fsdp, zero2 / zero3 (DeepSpeed; GPUs)"})
+    num_processes: int | None = field(default=None, metadata={
+        "min": 1, "help": "processes for --launch (default: one per GPU)"})
 
 
 @dataclass
@@ -38,10 +44,20 @@ class DemoArgs:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = recipe_from_args(TrainConfig, args, args.config)
+    if args.launch:
+        from ..jobs.launch import launch
+
+        return launch(args.launch, args.num_processes, cfg, args.argv)
+    if args.num_processes is not None:
+        from ..errors import ConfigError
+
+        raise ConfigError("--num-processes goes with --launch ENGINE (e.g. --launch ddp --num-processes 2)")
     from ..jobs.train import train
 
-    res = train(recipe_from_args(TrainConfig, args, args.config), args.out, resume=args.resume)
-    print(json.dumps({"output": str(res.output_dir), **res.stats}, indent=2, default=str))
+    res = train(cfg, args.out, resume=args.resume)
+    if res.rank == 0:
+        print(json.dumps({"output": str(res.output_dir), **res.stats}, indent=2, default=str))
     return 0
 
 

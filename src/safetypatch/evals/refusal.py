@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from ..io_utils import atomic_write_json, claim_output_dir
 from ..judges import DEFAULT_JUDGES, get_judge
 from ..modeling.backends import Backend, TransformersBackend
+from .backend import BackendChoice, open_eval_backend
 
 RESERVED = ("model", "prompt", "response", "index")
 
@@ -36,6 +37,7 @@ class EvalRequest:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     limit: int | None = None
     chat_template: str = "auto"  # --chat-template: auto | plain | chatml | a Jinja file (data.templates)
+    backend: BackendChoice = field(default_factory=BackendChoice)  # --backend transformers | vllm and its settings
 
 
 def load_prompt_file(spec: str, prompt_field: str = "prompt", limit: int | None = None) -> list[Record]:
@@ -100,10 +102,9 @@ def summarize(rows: list[dict[str, Any]], judges: tuple[str, ...], group_by: str
 
 def run_eval(req: EvalRequest, out_dir: str | Path, resume: bool = False,
              model_and_tok: tuple[Any, Any] | None = None, progress: bool = True) -> dict[str, Any]:
-    """Generate, judge and write samples.jsonl + summary.json; returns the summary (`progress`: bars on stderr)."""
+    """Generate, judge and write samples.jsonl + summary.json; returns the summary (`progress`: bars on stderr).
+    The answers come from `req.backend` (transformers: `model_and_tok` or the loaded --model; vllm: one engine)."""
     from ..data.readers import write_jsonl_atomic
-    from ..modeling import load_model
-    from .backend import transformers_backend
 
     t0 = time.time()
     req.generation.validate("eval generation")
@@ -111,8 +112,8 @@ def run_eval(req: EvalRequest, out_dir: str | Path, resume: bool = False,
     for j in req.judges:
         get_judge(j)  # an unknown judge fails here, before the output directory or the model
     out = claim_output_dir(out_dir, resume=resume, marker="summary.json")
-    model, tok = model_and_tok or load_model(req.model, chat_template=req.chat_template)
-    backend = transformers_backend(model, tok, patch=req.patch)
+    load = (lambda: model_and_tok) if model_and_tok else None  # noqa: E731
+    backend = open_eval_backend(req.backend, req.model, req.patch, req.chat_template, load=load)
     variants = ["base"]
     if req.patch:
         variants = (["base"] if req.with_base else []) + ["patched"]

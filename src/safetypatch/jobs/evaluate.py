@@ -2,6 +2,11 @@
 
 `evaluate(cfg)` runs the evaluation, records the certificate entry in the patch's patch.json when a patch was
 evaluated, and returns the text the command prints (the CLI prints it; nothing is printed here).
+
+`--backend vllm` generates with one vLLM engine (base = without the patch's LoRARequest, patched = with it;
+`evals.backend.open_eval_backend`); suite entries that need log-likelihoods or KL are computed by the transformers
+backend, loaded only when such an entry exists. With vLLM, a suite's summary.json has model_fingerprint null (vLLM's
+weights are not in this process) and the patch's base fingerprint is not checked against the model.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..config import GenerationConfig, MODEL_HELP, check_numbers
+from ..evals.backend import EVAL_BACKENDS, VLLM_DTYPES, BackendChoice, check_backend_choice
 from ..data.templates import METADATA as TEMPLATE_FIELD
 from ..data.templates import check_choice
 from ..errors import ConfigError
@@ -59,6 +65,18 @@ class EvalConfig:
     device: str | None = field(default=None, metadata={
         "help": "suite runs: device for the model and judge models, e.g. cuda (default CPU)"})
     resume: bool = field(default=False, metadata={"help": "allow writing into an existing output directory"})
+    backend: str = field(default="transformers", metadata={
+        "choices": EVAL_BACKENDS, "help": "what generates the answers: transformers (in this process), or vllm (one "
+        "engine serves base and patched as a LoRA; on CPU run it from .venv-vllm, `make engines`)"})
+    tensor_parallel_size: int = field(default=1, metadata={
+        "help": "--backend vllm: split the model over N devices (tensor parallelism)", "min": 1, "metavar": "N",
+        "flags": ("--tensor-parallel",)})
+    max_lora_rank: int | None = field(default=None, metadata={
+        "help": "--backend vllm: the engine's max_lora_rank (default: the smallest vLLM accepts above the patch's "
+                "rank)", "min": 1, "metavar": "R"})
+    vllm_dtype: str = field(default="float32", metadata={
+        "choices": VLLM_DTYPES, "help": "--backend vllm: the engine's weights dtype (float32, as the transformers "
+                                        "backend loads them, so the two give the same answers)"})
 
     def validate(self, where: str = "config") -> None:
         """ConfigError, before any output exists or any model loads: numbers out of range, conflicting or ignored
@@ -71,9 +89,13 @@ class EvalConfig:
         check_choice(self.chat_template, where=where)
         if self.device is not None:
             check_device(self.device)
+        check_backend_choice(self.backend_choice(), self.finetuned)
         if not self.suite:
             for name in judge_names(self.judges):
                 get_judge(name)  # ConfigError for an unknown name, JudgeError for a model judge without a model
+
+    def backend_choice(self) -> BackendChoice:
+        return BackendChoice(self.backend, self.tensor_parallel_size, self.max_lora_rank, self.vllm_dtype)
 
 
 def check_modes(cfg: EvalConfig) -> None:
@@ -130,7 +152,7 @@ def _evaluate_suite(cfg: EvalConfig) -> str:
                              data_root=cfg.data_root, db=cfg.db, record=not cfg.no_db,
                              judge_models=judge_models(cfg.judge_model), limit=cfg.limit,
                              max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, name=cfg.name,
-                             device=cfg.device, chat_template=cfg.chat_template)
+                             device=cfg.device, chat_template=cfg.chat_template, backend=cfg.backend_choice())
     summary = run_suite(run_cfg, cfg.out, resume=cfg.resume)
     if cfg.patch:
         _certify_suite(cfg, summary)
@@ -173,7 +195,7 @@ def _evaluate_prompts(cfg: EvalConfig) -> str:
     judges = judge_names(cfg.judges)
     req = EvalRequest(model=cfg.model, patch=cfg.patch, with_base=cfg.with_base, prompts=prompts,
                       prompt_field=cfg.prompt_field, judges=judges, generation=gen, limit=cfg.limit,
-                      chat_template=cfg.chat_template)
+                      chat_template=cfg.chat_template, backend=cfg.backend_choice())
     summary = run_eval(req, cfg.out, resume=cfg.resume)
     res = summary["results"]
     if cfg.patch:

@@ -42,10 +42,11 @@ def run_suite(cfg: SuiteRunConfig, out_dir: str | Path, resume: bool = False,
     prepared = prepare_entries(suite, cfg, notes)
     gen = generation_config(suite, cfg)
     judges = build_judges([j for p in prepared for j in p.all_judges()], cfg.judge_models, cfg.device)
-    backend, fingerprint = open_backend(cfg, log, model_and_tok)
     variants = ["base", "patched"] if cfg.patch or cfg.finetuned else ["base"]
     if variants == ["base"]:
         prepared = drop_unpaired(prepared, notes)
+    backend, fingerprint = open_backend(cfg, log, model_and_tok, scoring=[p.entry.name for p in prepared
+                                                                         if p.entry.scores])
     answers = generate_answers(backend, prepared, variants, gen, log, t0)
     measured = measure(prepared, RunContext(backend, variants, gen, answers, judges, log))
     summary = summarize(suite, cfg, prepared, gen, notes, fingerprint, measured.metrics, t0)
@@ -72,14 +73,22 @@ def prepare_entries(suite: Suite, cfg: SuiteRunConfig, notes: list[str]) -> list
     return prepared
 
 
-def open_backend(cfg: SuiteRunConfig, log: Callable[[str], None],
-                 model_and_tok: tuple[Any, Any] | None = None) -> tuple[Backend, str]:
+def open_backend(cfg: SuiteRunConfig, log: Callable[[str], None], model_and_tok: tuple[Any, Any] | None = None,
+                 scoring: list[str] | None = None) -> tuple[Backend, str | None]:
     """The backend over the base model (with the patch, or paired with the fine-tuned model), and the base model's
-    fingerprint id."""
-    from ..evals.backend import transformers_backend
+    fingerprint id. `cfg.backend` vllm: one engine for base and patched; the entries named in `scoring` (they need
+    log-likelihoods / KL) go to a transformers backend loaded when first needed; the fingerprint is None (vLLM's
+    weights are not in this process)."""
+    from ..evals.backend import check_backend_choice, open_eval_backend, transformers_backend
     from ..modeling import fingerprint, fingerprint_id, load_model
 
-    log(f"loading {cfg.model}" + (f" with patch {cfg.patch}" if cfg.patch else ""))
+    check_backend_choice(cfg.backend, cfg.finetuned)
+    log(f"loading {cfg.model}" + (f" with patch {cfg.patch}" if cfg.patch else "")
+        + (" in vLLM" if cfg.backend.key() == "vllm" else ""))
+    if cfg.backend.key() == "vllm":
+        return open_eval_backend(cfg.backend, cfg.model, cfg.patch, cfg.chat_template, cfg.device,
+                                 load=(lambda: model_and_tok) if model_and_tok else None, scoring=scoring or [],
+                                 log=log), None
     model, tok = model_and_tok or load_model(cfg.model, device=cfg.device, chat_template=cfg.chat_template)
     fp = fingerprint_id(fingerprint(model))
     if cfg.finetuned:  # its answers are the 'patched' rows

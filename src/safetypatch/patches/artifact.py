@@ -88,14 +88,18 @@ def weights_record(weights: Path, dtype: str) -> dict[str, Any]:
 
 
 def save_patch(peft_model: Any, out_dir: str | Path, meta: dict[str, Any], save_dtype: str = "float32",
-               overwrite: bool = False) -> dict[str, Any]:
+               overwrite: bool = False, state_dict: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the adapter and patch.json into a temp dir, fsync, then rename into place (never a half patch).
-    Weights that are not finite, or overflow `save_dtype`, are refused (PatchError) and nothing is written."""
+    Weights that are not finite, or overflow `save_dtype`, are refused (PatchError) and nothing is written.
+
+    `state_dict`: the model's full state dict gathered from sharded ranks (FSDP / ZeRO-3), whose adapter tensors
+    are saved instead of the model's own (shards); then `meta["base_model"]` must carry the base's fingerprint,
+    taken before sharding."""
     import torch
     from safetensors.torch import save_file
 
     with staged_dir(out_dir, overwrite) as tmp:
-        peft_model.save_pretrained(tmp, safe_serialization=True)
+        peft_model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         require_finite(read_json_file(tmp / ADAPTER_CONFIG).get("lora_alpha", 8), "lora_alpha (--alpha)", "save")
         weights = tmp / ADAPTER_WEIGHTS
         tensors = read_weights(weights)
@@ -110,7 +114,8 @@ def save_patch(peft_model: Any, out_dir: str | Path, meta: dict[str, Any], save_
         full.setdefault("safetypatch_version", __version__)
         full["weights"] = weights_record(weights, save_dtype)
         # a caller that trained on a modified base (red-teaming: earlier patches merged in) names the true base
-        full["base_model"] = {"fingerprint": fingerprint(peft_model), **full.get("base_model", {})}
+        base = full.get("base_model", {})
+        full["base_model"] = {"fingerprint": base.get("fingerprint") or fingerprint(peft_model), **base}
         atomic_write_json(tmp / PATCH_META, full)
     return full
 

@@ -109,6 +109,15 @@ class TrainConfig(PatchShape):
         "help": "on CPU (Linux, glibc): keep freed memory in the process for reuse instead of returning it to the "
                 "OS after every step (mallopt; process-wide), so activations are not page-faulted in again"})
     save_dtype: str = field(default="float16", metadata={"help": "dtype of the saved adapter weights"})
+    model_dtype: str = field(default="float32", metadata={
+        "help": "dtype the base model's weights are loaded in for training: 'float32', 'bfloat16' or 'float16' "
+                "(half the memory; the LoRA weights stay float32)"})
+    load_in_4bit: bool = field(default=False, metadata={
+        "help": "QLoRA: load the base model's linear weights in 4-bit NF4 with bitsandbytes (CUDA GPUs only); the "
+                "patch still applies to the unquantized base"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute each decoder layer's activations in the backward pass instead of keeping them "
+                "(less memory for long sequences and large models, ~30 % more compute)"})
 
     def validate(self, where: str = "config") -> None:
         super().validate(where)
@@ -122,6 +131,7 @@ class TrainConfig(PatchShape):
             "overlap_variant": ("uniform", "normalized"),
             "init": ("default", "contrast", "lda"),
             "prefix_cache_dtype": ("float32", "bfloat16"),
+            "model_dtype": ("float32", "bfloat16", "float16"),
             "train_attention": ("auto", "eager", "sdpa", "keep"),
         }
         for name, allowed in choices.items():
@@ -134,6 +144,9 @@ class TrainConfig(PatchShape):
                               f"{self.benign!r}): set 'benign', or use init 'default'")
         if self.mix_ratio > 0 and not self.mix:
             raise ConfigError(f"{where}: field 'mix_ratio' is {self.mix_ratio} but no 'mix' file is given")
+        if self.load_in_4bit and self.method != "lora":
+            raise ConfigError(f"{where}: 'load_in_4bit' (QLoRA) trains a LoRA patch; 4-bit weights cannot be "
+                              "fully fine-tuned: use method 'lora'")
         check_choice(self.chat_template, where=where)
 
     def shape(self) -> PatchShape:

@@ -15,6 +15,7 @@ from typing import Any
 from ..data.chat import prompt_ids
 from ..data.readers import Record
 from ..modeling import variant
+from .config import TrainConfig
 
 
 def lora_modules(model: Any) -> dict[str, Any]:
@@ -148,3 +149,18 @@ def harmful_groups(harmful: list[Record], rank: int) -> list[list[Record]]:
         return [harmful]
     n = min(rank, len(cats))
     return [[r for r in harmful if cats.index(str(r.meta.get("category", ""))) % n == g] for g in range(n)]
+
+
+def init_patch(cfg: TrainConfig, model: Any, tok: Any, sources: dict[str, list[Record]], data_meta: dict[str, Any],
+               fresh: bool, progress: bool = True) -> None:
+    """LoRA A: the contrast / LDA initialisation (on a fresh run; a checkpoint holds A), then frozen if asked."""
+    if cfg.method != "lora":
+        return
+    if cfg.init in ("contrast", "lda") and fresh:
+        sep = contrast_init(model, tok, sources["refusal"], sources["anchor"], lda=cfg.init == "lda",
+                            max_length=cfg.max_length, progress=progress)
+        data_meta["init"] = {"method": cfg.init, "fisher_separation": sep}
+    if cfg.freeze_a:
+        for n, p in model.named_parameters():
+            if "lora_A" in n:
+                p.requires_grad_(False)

@@ -6,6 +6,8 @@ Per response token t (targets are the labels shifted by one; prompt and padding 
                            KL_t(base || patched) (modeling.token_kl, the base = the adapter switched off)
     weight_t = benign_weight on anchor rows, else 1; times decision_weight on a response's first decision_tokens
     loss = sum_t weight_t * term_t / (number of response tokens)
+Under data parallelism the divisor is the micro-batch's response-token count over all ranks (`normalizer`), so
+the ranks' losses add up to the one-process loss of the whole micro-batch (training/distributed.py).
 """
 
 from __future__ import annotations
@@ -53,8 +55,15 @@ def response_positions(batch: dict[str, Any]) -> Any:
     return (target_mask.long().cumsum(1) - 1)[target_mask]
 
 
-def compute_loss(model: Any, batch: dict[str, Any], cfg: TrainConfig) -> tuple[Any, dict[str, float]]:
-    """The batch's loss (see the module docstring) and its parts' means (refusal, anchor) for the log."""
+def response_tokens(batch: dict[str, Any]) -> int:
+    """The number of response tokens the batch's loss is taken over."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def compute_loss(model: Any, batch: dict[str, Any], cfg: TrainConfig, normalizer: float | None = None
+                 ) -> tuple[Any, dict[str, float]]:
+    """The batch's loss (see the module docstring; divided by `normalizer` instead of the batch's own response
+    tokens when given) and its parts' means (refusal, anchor) for the log."""
     import torch
     import torch.nn.functional as F
 
@@ -74,7 +83,7 @@ def compute_loss(model: Any, batch: dict[str, Any], cfg: TrainConfig) -> tuple[A
     if cfg.decision_tokens > 0 and cfg.decision_weight != 1.0:
         early = response_positions(batch) < cfg.decision_tokens
         weights = torch.where(early, weights * cfg.decision_weight, weights)
-    loss = (per_token * weights).sum() / max(1, per_token.numel())
+    loss = (per_token * weights).sum() / max(1, normalizer if normalizer is not None else per_token.numel())
     with torch.no_grad():
         if (~is_anchor).any():
             parts["refusal"] = float(per_token[~is_anchor].mean())

@@ -11,9 +11,11 @@ small (k x r) products: || (S_k U_k^T B) A ||_F^2, never the full dW.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from ..errors import ConfigError
+from .config import TrainConfig
 
 SIDES = ("column", "row", "both")
 VARIANTS = ("uniform", "normalized")
@@ -63,3 +65,16 @@ class OverlapPenalty:
                 n = a.float() @ v  # (r x k)
                 total = total + scale ** 2 * (b.float() @ n).pow(2).sum()
         return total
+
+
+def overlap_penalty(cfg: TrainConfig, model: Any) -> OverlapPenalty | None:
+    """The overlap regularizer when `overlap_beta` > 0 (with a warning where it fights the patch itself)."""
+    if not cfg.overlap_beta > 0:
+        return None
+    overlap = OverlapPenalty(model, cfg.overlap_k, cfg.overlap_side, cfg.overlap_variant)
+    if cfg.method == "lora" and cfg.freeze_a and cfg.overlap_side in ("row", "both"):
+        # measured on the embedded model (docs/geometry.md): side 'both', beta 1, frozen LDA A -> no refusal learnt
+        print(f"warning: overlap_side={cfg.overlap_side} with a frozen A: dW V_k = B (A V_k) can only shrink "
+              "by shrinking B, so the row penalty fights the patch itself; use --overlap-side column or "
+              "--freeze-a false", file=sys.stderr)
+    return overlap

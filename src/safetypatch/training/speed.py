@@ -159,10 +159,12 @@ class SpeedPaths:
     (training/speed_check.py) compares their loss and gradient with the model's own forward; while they differ,
     paths are switched off one at a time in ORDER, each with one line saying why (stderr and `describe()`).
     `collate(idx)` builds a batch that uses them; `for_generation()` is a context for dev checks in between.
-    With `progress`, the prefix cache's build and the start-up check show bars (stderr)."""
+    With `progress`, the prefix cache's build and the start-up check show bars (stderr). `stepped_aside`: why
+    every path (and the check) is off, for an engine that wraps the model (FSDP, DeepSpeed); None keeps them."""
 
     def __init__(self, model: Any, cfg: TrainConfig, examples: list[Encoded], device: str, use_bf16: bool,
-                 pad_id: int, progress: bool = True):
+                 pad_id: int, progress: bool = True, stepped_aside: str | None = None):
+        self.stepped_aside = stepped_aside
         self.model, self.cfg, self.examples, self.device = model, cfg, examples, device
         self.use_bf16, self.pad_id, self.progress = use_bf16, pad_id, progress
         self.prefix: PrefixCache | None = None
@@ -218,6 +220,9 @@ class SpeedPaths:
             from .malloc import tune_malloc
 
             self.malloc = tune_malloc()
+        if self.stepped_aside:
+            self.checked = f"not run: {self.stepped_aside}"
+            return self
         self._attn_orig = getattr(self._lm().config, "_attn_implementation", None)
         probe = SpeedCheck(self.model, self.cfg, self.examples, self.device, self.use_bf16, self.pad_id)
         if self.cfg.bf16_frozen_weights and self.use_bf16:
@@ -238,9 +243,13 @@ class SpeedPaths:
 
     def _build_prefix_cache(self, probe: list[int]) -> None:
         """Build the frozen-prefix cache, with the shared prompt prefix run once per batch if on."""
-        n = shared_prefix_length(self.examples) if self.cfg.share_prompt_prefix else 0
+        # checkpointed layers run without a key/value cache, which the shared prefix's rows attend to
+        share = self.cfg.share_prompt_prefix and not self.cfg.gradient_checkpointing
+        n = shared_prefix_length(self.examples) if share else 0
         pc = self.prefix = self._make_cache(n, probe)
-        if not pc.active:
+        if self.cfg.share_prompt_prefix and self.cfg.gradient_checkpointing:
+            self.shared_reason = "off: gradient checkpointing runs the layers without the prefix's key/value cache"
+        elif not pc.active:
             self.shared_reason = "needs the frozen-prefix cache" if self.cfg.share_prompt_prefix else "off"
         elif self.cfg.share_prompt_prefix and n == 0:
             self.shared_reason = "the examples share no prompt prefix"

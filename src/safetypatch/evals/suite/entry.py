@@ -103,6 +103,7 @@ class SuiteEntry:
     metrics: ClassVar[tuple[str, ...]] = ()  # allowed values of `metric`; the first is the default
     needs_pair: ClassVar[bool] = False  # compares base with patched itself: skipped in a base-only run
     utility: ClassVar[bool] = True  # measured (and reported) after the safety entries
+    scores: ClassVar[bool] = False  # needs log-likelihoods / KL (a generation-only backend hands them on)
 
     name: str = field(default="", metadata={"parse": "str"})
     limit: int | None = field(default=None, metadata={"parse": "positive_int"})

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from ...config import GenerationConfig
+from ..backend import BackendChoice
 from .entry import LoadContext, Prepared, default_data_root
 from .schema import Suite
 
@@ -28,6 +29,7 @@ class SuiteRunConfig:
     name: str | None = None  # run name in the DB (default: the output directory's name)
     device: str | None = None  # e.g. "cuda"; None: where load_model puts it (CPU)
     chat_template: str = "auto"  # --chat-template: auto | plain | chatml | a Jinja file (data.templates)
+    backend: BackendChoice = field(default_factory=BackendChoice)  # --backend transformers | vllm and its settings
 
     def data_root_or_default(self) -> str | None:
         return self.data_root if self.data_root is not None else default_data_root()

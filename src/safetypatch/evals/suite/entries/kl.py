@@ -16,6 +16,7 @@ from .prompts import PromptEntry
 @dataclass
 class KLEntry(PromptEntry):
     type = "kl"
+    scores = True
     metrics = ("kl_per_token",)
     needs_pair = True
 

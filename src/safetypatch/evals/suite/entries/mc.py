@@ -15,6 +15,7 @@ from ..entry import Measured, Prepared, RunContext, SuiteEntry, register_entry_t
 @dataclass
 class MCEntry(SuiteEntry):
     type = "mc"
+    scores = True
     metrics = ("accuracy",)
 
     style: str = field(default="letter", metadata={  # letter (MMLU) | text (ARC-like)

@@ -14,6 +14,7 @@ from ..entry import Measured, Prepared, RunContext, SuiteEntry, register_entry_t
 @dataclass
 class PerplexityEntry(SuiteEntry):
     type = "perplexity"
+    scores = True
     metrics = ("perplexity",)
 
     text_field: str = field(default="text", metadata={"parse": "str"})
