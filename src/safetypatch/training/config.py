@@ -117,7 +117,7 @@ class TrainConfig(PatchShape):
                 "patch still applies to the unquantized base"})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "recompute each decoder layer's activations in the backward pass instead of keeping them "
-                "(less memory for long sequences and large models, ~30 % more compute)"})
+                "(less memory for long sequences and large models, about a third more compute)"})
 
     def validate(self, where: str = "config") -> None:
         super().validate(where)
