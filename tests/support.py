@@ -56,3 +56,15 @@ def build_tiny_model(tok, seed: int = 0, layers: int = 2):
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def engine_python(venv: str, env_var: str) -> "Path | None":
+    """The python of an engine venv (`make engines`): $env_var when set, else REPO/venv/bin/python once its install
+    finished (its .stamp-engine exists); None when neither."""
+    import os
+    from pathlib import Path
+
+    if os.environ.get(env_var):
+        return Path(os.environ[env_var])
+    root = Path(__file__).resolve().parent.parent / venv
+    return root / "bin" / "python" if (root / ".stamp-engine").is_file() else None

@@ -66,6 +66,51 @@ def test_ddp_two_processes_equal_one(tiny_model_dir, tmp_path, capfd):
         (tmp_path / "single" / "patch" / "patch.json").read_text())["base_model"]["fingerprint"]
 
 
+def rank_pids(out: Path) -> dict[int, int]:
+    """{rank: pid} of the processes running `safetypatch train ... --out OUT` as ranks (their RANK environment)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            env = dict(x.split(b"=", 1) for x in (proc / "environ").read_bytes().split(b"\0") if b"=" in x)
+        except (OSError, ValueError):
+            continue
+        if str(out).encode() in cmd and b"--launch" not in cmd and b"RANK" in env:
+            found[int(env[b"RANK"])] = int(proc.name)
+    return found
+
+
+def test_a_killed_rank_leaves_no_patch_and_the_run_resumes(tiny_model_dir, tmp_path, capfd):
+    """SIGKILL one of 2 ddp ranks mid-training: the launch fails, no patch (or half of one) is left, and the same
+    command with --resume continues from rank 0's last checkpoint to a patch, each step logged once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    args = recipe_args(tiny_model_dir, tmp_path) + ["--epochs", "40", "--out", str(out)]
+    launch = ["--launch", "ddp", "--num-processes", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "safetypatch", "train", *args, *launch],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    log = out / "train_log.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 15):
+        time.sleep(0.2)
+    pids = rank_pids(out)
+    assert proc.poll() is None and set(pids) == {0, 1}, (proc.poll(), pids)
+    os.kill(pids[1], signal.SIGKILL)
+    assert proc.wait(timeout=240) != 0
+    assert not (out / "patch").exists() and not [p for p in out.iterdir() if "patch" in p.name]
+    assert (out / "checkpoint" / "state.json").is_file()
+    capfd.readouterr()
+    assert main(["train", *args, "--resume", *launch]) == 0
+    steps = [r["step"] for r in lines(log)]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) == 240
+    assert (out / "patch" / "adapter_model.safetensors").is_file()
+
+
 def assert_same_patch(a: Path, b: Path) -> None:
     import torch
     from safetensors.torch import load_file

@@ -23,25 +23,17 @@ import time
 from pathlib import Path
 
 import pytest
+from support import engine_python
 
 pytestmark = pytest.mark.engines
 
 REPO = Path(__file__).resolve().parents[2]
 DRIVER = REPO / "engines" / "llamacpp_generate.py"
-VENV = REPO / ".venv-llamacpp"
 N_PER_SIDE = 6  # harmful + benign prompts from the built-in test splits
 MAX_NEW = 24  # enough for the keyword judge: the decision is in the answer's opening
 
 
-def engine_python() -> Path | None:
-    """The llama.cpp venv's python: $SAFETYPATCH_LLAMACPP_PYTHON, or .venv-llamacpp once its install finished."""
-    env = os.environ.get("SAFETYPATCH_LLAMACPP_PYTHON")
-    if env:
-        return Path(env)
-    return VENV / "bin" / "python" if (VENV / ".stamp-engine").exists() else None
-
-
-ENGINE_PY = engine_python()
+ENGINE_PY = engine_python(".venv-llamacpp", "SAFETYPATCH_LLAMACPP_PYTHON")
 needs_engine = pytest.mark.skipif(ENGINE_PY is None,
                                   reason="llama.cpp venv .venv-llamacpp not built: run `make engines`")
 

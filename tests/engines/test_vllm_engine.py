@@ -19,23 +19,15 @@ import time
 from pathlib import Path
 
 import pytest
+from support import engine_python
 
 pytestmark = pytest.mark.engines
 
 ROOT = Path(__file__).resolve().parents[2]
-VENV = ROOT / ".venv-vllm"
 N_PROMPTS, MAX_NEW, SIGMA = 6, 32, 0.2
 
 
-def vllm_python() -> Path | None:
-    """$SAFETYPATCH_VLLM_PYTHON, else .venv-vllm's python once its install finished (.stamp-engine)."""
-    env = os.environ.get("SAFETYPATCH_VLLM_PYTHON")
-    if env:
-        return Path(env)
-    return VENV / "bin" / "python" if (VENV / ".stamp-engine").is_file() else None
-
-
-PYTHON = vllm_python()
+PYTHON = engine_python(".venv-vllm", "SAFETYPATCH_VLLM_PYTHON")
 if PYTHON is None:  # one skip line for the whole module
     pytest.skip("vLLM venv .venv-vllm not built: run `make engines`", allow_module_level=True)
 

@@ -50,6 +50,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SafetypatchError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a rank of `train --launch` whose peer stopped first: one line, not a traceback
+        from ..training.distributed import peer_failure
+
+        msg = peer_failure(e)
+        if msg is None:
+            raise
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; a training run continues with --resume", file=sys.stderr)
         return 130

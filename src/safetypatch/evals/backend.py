@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..data.templates import template_mismatch, warn_once
-from ..modeling import FinetunedPair, load_model
 from ..errors import ConfigError
-from ..modeling import Chat, Generation
+from ..modeling import Chat, FinetunedPair, Generation, load_model, load_tokenizer
 from ..modeling.backends import BACKEND_ALIASES, Backend, TransformersBackend, VLLMBackend
 from ..patches import PATCH_META, check_adapter_dir, load_patch, read_meta, verify_files
 
@@ -94,8 +93,6 @@ def open_eval_backend(choice: BackendChoice, model: str, patch: str | None = Non
     vllm: one engine over `model` serving `patch` as a LoRA, prompts encoded with the --chat-template tokenizer;
     with `scoring` (names of entries that need log-likelihoods / KL) wrapped in a ScoringFallback, with one
     `log` line naming them."""
-    from ..modeling import load_model, load_tokenizer
-
     def load_hf() -> tuple[Any, Any]:
         return load() if load is not None else load_model(model, device=device, chat_template=chat_template)
 

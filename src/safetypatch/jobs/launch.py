@@ -19,7 +19,9 @@ from typing import Sequence
 
 from ..errors import ConfigError
 from ..training.config import TrainConfig
+from ..training.dev_checks import dev_prompts
 from ..training.distributed import Ranks, check_batch
+from ..training.examples import read_sources
 
 LAUNCH_DIR = Path(__file__).resolve().parent.parent / "launch"
 ENGINE_CONFIGS = {"ddp": "ddp.yaml", "fsdp": "fsdp.yaml", "zero2": "zero2.yaml", "zero3": "zero3.yaml"}
@@ -86,6 +88,13 @@ def launch(engine: str, processes: int | None, cfg: TrainConfig, argv: Sequence[
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     cfg.validate()
     n = check_launch(engine, processes, gpus, cfg)
+    read_sources(cfg)  # a bad data file is one line here, not one per rank
+    dev_prompts(cfg.dev_harmful, cfg.dev_benign, cfg.dev_size, cfg.prompt_field)
     cmd = launch_command(engine, n, argv, cfg.bf16)
     print(f"launching {n} process(es) with accelerate ({engine}): {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-    return subprocess.run(cmd, check=False).returncode
+    rc = subprocess.run(cmd, check=False).returncode
+    if rc:
+        print(f"error: the launched training failed (exit status {rc}); the first `error:` line above names the "
+              "cause; fix it and rerun (with --resume to continue from the last checkpoint)", file=sys.stderr)
+        return 2
+    return 0

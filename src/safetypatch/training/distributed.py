@@ -162,6 +162,18 @@ class Ranks:
         return f"cuda:{self.local_rank}" if dist.get_backend() == "nccl" else "cpu"
 
 
+def peer_failure(error: BaseException) -> str | None:
+    """The one line for a rank whose collective broke because another rank stopped first (that rank printed the
+    cause); None for any other error, or outside a launched run."""
+    if launched_engine() == "single":
+        return None
+    text = str(error)
+    if not any(s in text for s in ("closed by peer", "reset by peer", "Broken pipe", "Connection refused")):
+        return None
+    return (f"rank {os.environ.get('RANK', '?')} stopped: another rank of this run failed first (its error is "
+            "above)")
+
+
 def shard(idx: Sequence[int], rank: int, world: int) -> list[int]:
     """Rank `rank`'s contiguous slice of a global micro-batch: sizes differ by at most one, and a rank may get
     none (the last, short batch of an epoch)."""

@@ -21,28 +21,42 @@ def records_hash(records: list[Record]) -> str:
     return sha256_text(*(json.dumps([r.chat(), r.response], sort_keys=True) for r in records))
 
 
+def read_sources(cfg: TrainConfig) -> dict[str, list[Record]]:
+    """The recipe's data, read and checked (a bad file or row is a DataError naming it): "refusal" (prompt +
+    response), "anchor" (benign prompts; empty with benign 'none'), "mix" (general data; empty without mixing)."""
+    data = BUILTIN_REFUSALS if cfg.data == "builtin" else cfg.data
+    sources: dict[str, list[Record]] = {
+        "refusal": resolve_prompts(data, cfg.prompt_field, cfg.response_field, require_response=True),
+        "anchor": [], "mix": []}
+    if cfg.benign and cfg.benign.lower() != "none":
+        sources["anchor"] = resolve_prompts(BUILTIN_ANCHORS if cfg.benign == "builtin" else cfg.benign,
+                                            cfg.prompt_field, None)
+    if cfg.mix and cfg.mix_ratio > 0:
+        sources["mix"] = read_records(cfg.mix, cfg.mix_prompt_field or cfg.prompt_field,
+                                      cfg.mix_response_field or cfg.response_field, require_response=True)
+    return sources
+
+
 def build_examples(cfg: TrainConfig, model: Any, tok: Any, progress: bool = True
                    ) -> tuple[list[Encoded], dict[str, Any], dict[str, list[Record]]]:
     """Tokenized training examples (refusals, anchors, mixed data), a description with data hashes, and the
-    source records by kind. `progress`: the anchor answers' bar (tokenizing is quick and shows none)."""
-    data = BUILTIN_REFUSALS if cfg.data == "builtin" else cfg.data
-    refusals = resolve_prompts(data, cfg.prompt_field, cfg.response_field, require_response=True)
+    source records by kind (`read_sources`). `progress`: the anchor answers' bar (tokenizing is quick)."""
+    sources = read_sources(cfg)
+    refusals = sources["refusal"]
     examples = [encode_example(tok, r.chat(), r.response or "", cfg.max_length, kind="refusal") for r in refusals]
-    meta: dict[str, Any] = {"refusal": {"source": data, "n": len(refusals), "sha256": records_hash(refusals)}}
-    sources: dict[str, list[Record]] = {"refusal": refusals, "anchor": []}
-    if cfg.benign and cfg.benign.lower() != "none":
-        spec = BUILTIN_ANCHORS if cfg.benign == "builtin" else cfg.benign
-        benign = resolve_prompts(spec, cfg.prompt_field, None)
-        sources["anchor"] = benign
+    meta: dict[str, Any] = {"refusal": {"source": BUILTIN_REFUSALS if cfg.data == "builtin" else cfg.data,
+                                        "n": len(refusals), "sha256": records_hash(refusals)}}
+    if sources["anchor"]:
+        benign = sources["anchor"]
         answers = base_answers(model, tok, benign, cfg.anchor_tokens, progress=progress)
         for r, (ids, finished) in zip(benign, answers):
             if ids:
                 examples.append(encode_example(tok, r.chat(), ids, cfg.max_length, kind="anchor", close_turn=finished))
-        meta["anchors"] = {"source": spec, "n": len(benign), "sha256": records_hash(benign),
-                           "answer_tokens": cfg.anchor_tokens, "answered_by": "base model (greedy)"}
-    if cfg.mix and cfg.mix_ratio > 0:
-        mix = read_records(cfg.mix, cfg.mix_prompt_field or cfg.prompt_field,
-                           cfg.mix_response_field or cfg.response_field, require_response=True)
+        meta["anchors"] = {"source": BUILTIN_ANCHORS if cfg.benign == "builtin" else cfg.benign, "n": len(benign),
+                           "sha256": records_hash(benign), "answer_tokens": cfg.anchor_tokens,
+                           "answered_by": "base model (greedy)"}
+    if sources["mix"]:
+        mix = sources["mix"]
         n_mix = round(cfg.mix_ratio / (1 - cfg.mix_ratio) * len(examples))
         rng = random.Random(cfg.seed)
         chosen = [mix[rng.randrange(len(mix))] for _ in range(n_mix)] if n_mix > len(mix) else rng.sample(mix, n_mix)
