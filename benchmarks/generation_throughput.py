@@ -24,18 +24,15 @@ new tokens/s (counted as above) beside ours, engine start not timed. A missing v
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-# engine -> (venv, env var naming another python, driver); the venvs are built by engines/install-*.sh
-ENGINES = {"vllm": (".venv-vllm", "SAFETYPATCH_VLLM_PYTHON", "vllm_generate.py"),
-           "llamacpp": (".venv-llamacpp", "SAFETYPATCH_LLAMACPP_PYTHON", "llamacpp_generate.py")}
+sys.path.insert(0, str(ROOT / "engines"))
+from driver_io import ENGINES, call_driver, engine_python  # noqa: E402  (engines/ is not a package)
 
 
 def plain_generate(model: Any, tok: Any, prompts: list[Any], batch: int, max_new: int) -> list[list[int]]:
@@ -63,14 +60,6 @@ def plain_generate(model: Any, tok: Any, prompts: list[Any], batch: int, max_new
     return out
 
 
-def engine_python(name: str) -> Path | None:
-    """The engine venv's python: its env var, else the venv once its install finished (.stamp-engine)."""
-    venv, env, _ = ENGINES[name]
-    if os.environ.get(env):
-        return Path(os.environ[env])
-    return ROOT / venv / "bin" / "python" if (ROOT / venv / ".stamp-engine").is_file() else None
-
-
 def engine_request(name: str, model_spec: str, chats: list[Any], enc: list[list[int]], max_new: int,
                    threads: int) -> dict[str, Any] | str:
     """The driver's request (engines/*_generate.py), or why this engine cannot run this model."""
@@ -90,13 +79,9 @@ def time_engine(name: str, request: dict[str, Any]) -> dict[str, Any] | str:
     if python is None:
         return f"{ENGINES[name][0]} not built (run `make engines`)"
     with tempfile.TemporaryDirectory() as tmp:
-        req, resp = Path(tmp) / "request.json", Path(tmp) / "response.json"
-        req.write_text(json.dumps(request))
-        proc = subprocess.run([str(python), str(ROOT / "engines" / ENGINES[name][2]), str(req), str(resp)],
-                              capture_output=True, text=True, cwd=ROOT)
-        if proc.returncode != 0:
-            return f"the driver failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"
-        out = json.loads(resp.read_text())
+        proc, out = call_driver(python, name, request, Path(tmp), timeout=3600)
+    if proc.returncode != 0:
+        return f"the driver failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"
     return out["variants"]["base"] | {"engine_version": out["engine_version"], "load_seconds": out["load_seconds"]} \
         if name == "vllm" else out
 

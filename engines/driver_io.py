@@ -1,13 +1,23 @@
-"""What the engine drivers (llamacpp_generate.py, vllm_generate.py) share: reading the JSON request (defaults,
-unknown fields) and the command line `DRIVER REQUEST.json RESPONSE.json`, whose response is written atomically.
-Standard library only: each driver runs in its engine's own venv."""
+"""What the engine drivers (llamacpp_generate.py, vllm_generate.py) share, on both sides of the call.
+
+Driver side: reading the JSON request (defaults, unknown fields) and the command line
+`DRIVER REQUEST.json RESPONSE.json`, whose response is written atomically.
+Caller side (the engine tests, benchmarks/generation_throughput.py): which python runs an engine (`engine_python`)
+and one driver call (`call_driver`). Standard library only: each driver runs in its engine's own venv."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+# engine -> (its venv, built by engines/install-<engine>.sh; the variable naming another python; its driver)
+ENGINES = {"vllm": (".venv-vllm", "SAFETYPATCH_VLLM_PYTHON", "vllm_generate.py"),
+           "llamacpp": (".venv-llamacpp", "SAFETYPATCH_LLAMACPP_PYTHON", "llamacpp_generate.py")}
 
 
 class RequestError(ValueError):
@@ -50,3 +60,23 @@ def driver_main(name: str, read: Callable[[str], dict[str, Any]], run: Callable[
     tmp.write_text(json.dumps(response))
     tmp.replace(argv[1])
     return 0
+
+
+def engine_python(name: str) -> Path | None:
+    """The python that runs engine `name`: its variable when set, else the venv's once its install finished
+    (.stamp-engine); None when neither."""
+    venv, env, _ = ENGINES[name]
+    if os.environ.get(env):
+        return Path(os.environ[env])
+    return ROOT / venv / "bin" / "python" if (ROOT / venv / ".stamp-engine").is_file() else None
+
+
+def call_driver(python: Path | str, name: str, request: dict[str, Any], work_dir: Path, tag: str = "request",
+                timeout: int = 600) -> tuple[subprocess.CompletedProcess, dict[str, Any]]:
+    """Run engine `name`'s driver with `python` on `request` (files TAG.request.json / TAG.response.json in
+    `work_dir`): the finished process and its response ({} when it failed)."""
+    req, resp = work_dir / f"{tag}.request.json", work_dir / f"{tag}.response.json"
+    req.write_text(json.dumps(request))
+    proc = subprocess.run([str(python), str(ROOT / "engines" / ENGINES[name][2]), str(req), str(resp)],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return proc, (json.loads(resp.read_text()) if proc.returncode == 0 else {})

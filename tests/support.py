@@ -58,13 +58,14 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def engine_python(venv: str, env_var: str) -> "Path | None":
-    """The python of an engine venv (`make engines`): $env_var when set, else REPO/venv/bin/python once its install
-    finished (its .stamp-engine exists); None when neither."""
-    import os
+def engine_driver_io():
+    """engines/driver_io.py (which python runs an engine, one driver call), importable from the tests."""
+    import sys
     from pathlib import Path
 
-    if os.environ.get(env_var):
-        return Path(os.environ[env_var])
-    root = Path(__file__).resolve().parent.parent / venv
-    return root / "bin" / "python" if (root / ".stamp-engine").is_file() else None
+    engines = str(Path(__file__).resolve().parent.parent / "engines")
+    if engines not in sys.path:
+        sys.path.insert(0, engines)
+    import driver_io
+
+    return driver_io

@@ -40,19 +40,13 @@ def lines(path: Path) -> list[dict]:
 def test_ddp_two_processes_equal_one(tiny_model_dir, tmp_path, capfd):
     """2 gloo processes through `train --launch ddp` give the one-process patch, losses and logs (float
     tolerance), with the anchors answered, the dev checks run and the logs written once."""
-    import torch
-    from safetensors.torch import load_file
-
     args = recipe_args(tiny_model_dir, tmp_path)
     assert main(["train", *args, "--out", str(tmp_path / "multi"), "--launch", "ddp", "--num-processes", "2"]) == 0
     multi_out = capfd.readouterr()
     assert main(["train", *args, "--out", str(tmp_path / "single")]) == 0
     capfd.readouterr()
-    one, two = (load_file(tmp_path / r / "patch" / "adapter_model.safetensors") for r in ("single", "multi"))
-    assert one.keys() == two.keys() and len(one) == 2
-    for k in one:
-        assert torch.allclose(one[k], two[k], atol=1e-6, rtol=1e-5), (k, (one[k] - two[k]).abs().max())
-        assert one[k].abs().max() > 1e-4  # trained, not a zero patch on both sides
+    one = assert_same_patch(tmp_path / "single", tmp_path / "multi")
+    assert len(one) == 2 and all(t.abs().max() > 1e-4 for t in one.values())  # trained, not zero on both sides
     log1, log2 = (lines(tmp_path / r / "train_log.jsonl") for r in ("single", "multi"))
     assert [r["step"] for r in log1] == [r["step"] for r in log2] == list(range(1, 13))
     for a, b in zip(log1, log2):
@@ -61,9 +55,6 @@ def test_ddp_two_processes_equal_one(tiny_model_dir, tmp_path, capfd):
     assert multi_out.out.count('"output"') == 1  # rank 0 prints the result
     assert multi_out.err.count("anchor answers (base model") == 1  # answered once, read from the cache by rank 1
     assert multi_out.err.count("dev check (step 5)") == 1
-    meta = json.loads((tmp_path / "multi" / "patch" / "patch.json").read_text())
-    assert meta["base_model"]["fingerprint"] == json.loads(
-        (tmp_path / "single" / "patch" / "patch.json").read_text())["base_model"]["fingerprint"]
 
 
 def rank_pids(out: Path) -> dict[int, int]:
@@ -111,7 +102,8 @@ def test_a_killed_rank_leaves_no_patch_and_the_run_resumes(tiny_model_dir, tmp_p
     assert (out / "patch" / "adapter_model.safetensors").is_file()
 
 
-def assert_same_patch(a: Path, b: Path) -> None:
+def assert_same_patch(a: Path, b: Path) -> dict:
+    """The patches of runs `a` and `b` agree (tensors to float tolerance, base fingerprint); `a`'s tensors."""
     import torch
     from safetensors.torch import load_file
 
@@ -121,6 +113,7 @@ def assert_same_patch(a: Path, b: Path) -> None:
         assert torch.allclose(one[k], two[k], atol=1e-6, rtol=1e-5), (k, (one[k] - two[k]).abs().max())
     fp = [json.loads((d / "patch" / "patch.json").read_text())["base_model"]["fingerprint"] for d in (a, b)]
     assert fp[0] == fp[1]
+    return one
 
 
 @pytest.mark.engines

@@ -23,27 +23,22 @@ import time
 from pathlib import Path
 
 import pytest
-from support import engine_python
+from support import engine_driver_io
 
 pytestmark = pytest.mark.engines
 
-REPO = Path(__file__).resolve().parents[2]
-DRIVER = REPO / "engines" / "llamacpp_generate.py"
+DRIVER_IO = engine_driver_io()
 N_PER_SIDE = 6  # harmful + benign prompts from the built-in test splits
 MAX_NEW = 24  # enough for the keyword judge: the decision is in the answer's opening
 
 
-ENGINE_PY = engine_python(".venv-llamacpp", "SAFETYPATCH_LLAMACPP_PYTHON")
+ENGINE_PY = DRIVER_IO.engine_python("llamacpp")
 needs_engine = pytest.mark.skipif(ENGINE_PY is None,
                                   reason="llama.cpp venv .venv-llamacpp not built: run `make engines`")
 
 
 def run_driver(python: Path | str, request: dict, tmp: Path, name: str) -> tuple[subprocess.CompletedProcess, dict]:
-    req, resp = tmp / f"{name}.request.json", tmp / f"{name}.response.json"
-    req.write_text(json.dumps(request))
-    proc = subprocess.run([str(python), str(DRIVER), str(req), str(resp)], capture_output=True, text=True,
-                          timeout=600)
-    return proc, (json.loads(resp.read_text()) if proc.returncode == 0 else {})
+    return DRIVER_IO.call_driver(python, "llamacpp", request, tmp, tag=name)
 
 
 def test_driver_bad_request_is_one_clear_line(tmp_path):

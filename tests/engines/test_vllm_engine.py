@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import engine_python
+from support import engine_driver_io
 
 pytestmark = pytest.mark.engines
 
@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 N_PROMPTS, MAX_NEW, SIGMA = 6, 32, 0.2
 
 
-PYTHON = engine_python(".venv-vllm", "SAFETYPATCH_VLLM_PYTHON")
+DRIVER_IO = engine_driver_io()
+PYTHON = DRIVER_IO.engine_python("vllm")
 if PYTHON is None:  # one skip line for the whole module
     pytest.skip("vLLM venv .venv-vllm not built: run `make engines`", allow_module_level=True)
 
@@ -66,12 +67,9 @@ def prompts() -> list[list[dict[str, str]]]:
 
 
 def run_vllm(request: dict, tmp: Path, timeout: int = 600) -> dict:
-    req, resp = tmp / "vllm_request.json", tmp / "vllm_response.json"
-    req.write_text(json.dumps(request))
-    proc = subprocess.run([str(PYTHON), str(ROOT / "engines" / "vllm_generate.py"), str(req), str(resp)],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    proc, response = DRIVER_IO.call_driver(PYTHON, "vllm", request, tmp, tag="vllm", timeout=timeout)
     assert proc.returncode == 0, f"vllm_generate failed:\n{proc.stderr[-4000:]}"
-    return json.loads(resp.read_text())
+    return response
 
 
 def run_ours(patch: Path, chats: list) -> dict:

@@ -82,11 +82,11 @@ def launch_command(engine: str, processes: int, argv: Sequence[str], bf16: str =
 
 
 def launch(engine: str, processes: int | None, cfg: TrainConfig, argv: Sequence[str]) -> int:
-    """Run `argv` (a `safetypatch train` command line) under accelerate with `engine`; returns its exit status."""
+    """Run `argv` (a `safetypatch train` command line, whose recipe `cfg` is already validated) under accelerate
+    with `engine`; returns the command's exit status (2 when the launched run failed)."""
     import torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    cfg.validate()
     n = check_launch(engine, processes, gpus, cfg)
     read_sources(cfg)  # a bad data file is one line here, not one per rank
     dev_prompts(cfg.dev_harmful, cfg.dev_benign, cfg.dev_size, cfg.prompt_field)

@@ -30,7 +30,8 @@ from ..errors import ConfigError, OutputExistsError
 from ..io_utils import atomic_write_json, claim_output_dir, staged_dir
 from ..modeling import fingerprint, load_model
 from ..training.checkpoint import (check_resume_recipe, has_checkpoint, last_logged_loss, load_checkpoint,
-                                   load_trainable, save_checkpoint, trainable_state, trim_logs)
+                                   load_trainable, save_checkpoint, trainable_state, trained_parameters,
+                                   trim_logs)
 from ..training.config import TrainConfig, bf16_autocast, use_bf16
 from ..training.dev_checks import dev_prompts, dev_score, refusal_rates
 from ..training.distributed import (Ranks, check_batch, check_engine, current_ranks, gathered_state, prepare_sharded,
@@ -134,7 +135,7 @@ def check_run_dir(cfg: TrainConfig, run_dir: str | Path, resume: bool) -> Path:
     run = Path(run_dir)
     if run.exists() and not run.is_dir():
         raise OutputExistsError(f"{run} is a file; --out takes a run directory (choose another --out)")
-    out = run / ("patch" if cfg.method == "lora" else "model")
+    out = output_dir(cfg, run)
     if out.exists():
         raise OutputExistsError(f"{out} already exists: this run finished; choose a new --out")
     if (run / MARKER).exists():
@@ -143,6 +144,11 @@ def check_run_dir(cfg: TrainConfig, run_dir: str | Path, resume: bool) -> Path:
                                     "continue that run")
         check_resume_recipe(run, cfg)
     return run
+
+
+def output_dir(cfg: TrainConfig, run: Path) -> Path:
+    """Where the run's result goes: RUN/patch (LoRA) or RUN/model (full fine-tuning)."""
+    return run / ("patch" if cfg.method == "lora" else "model")
 
 
 def claim_run(cfg: TrainConfig, run: Path, resume: bool, ranks: Ranks) -> None:
@@ -175,7 +181,7 @@ def setup(cfg: TrainConfig, run: Path, device: str, resume: bool, model_and_tok:
         claim_run(cfg, run, resume, ranks)
         model = prepare_model(cfg, model)
         init_patch(cfg, model, tok, sources, data_meta, fresh=not has_checkpoint(run), progress=progress)
-    ranks.sync_parameters([p for n, p in model.named_parameters() if p.requires_grad or "lora_" in n])
+    ranks.sync_parameters(list(trained_parameters(model).values()))
     overlap = overlap_penalty(cfg, model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -353,11 +359,11 @@ def save(job: Job, stats: dict[str, Any], base_model_meta: dict[str, Any] | None
             save_full(job, model, state_dict, stats)
         atomic_write_json(job.run / "train_stats.json", stats)
     ranks.barrier()  # no rank returns before the patch is in place
-    return job.run / ("patch" if job.cfg.method == "lora" else "model")
+    return output_dir(job.cfg, job.run)
 
 
 def save_lora(job: Job, model: Any, state_dict: dict[str, Any] | None, stats: dict[str, Any],
-              base_model_meta: dict[str, Any] | None) -> Path:
+              base_model_meta: dict[str, Any] | None) -> None:
     """The patch from `model` (or from `state_dict`, gathered from sharded ranks)."""
     from ..patches import save_patch, shape_record
 
@@ -367,17 +373,14 @@ def save_lora(job: Job, model: Any, state_dict: dict[str, Any] | None, stats: di
         base = {"fingerprint": job.base_fingerprint, **base}
     meta = {"base_model": base, "recipe": to_dict(cfg), "shape": shape_record(cfg.shape(), model),
             "data": job.data_meta, "training": stats, "chat_template": template_record(job.tok)}
-    save_patch(model, job.run / "patch", meta, save_dtype=cfg.save_dtype, state_dict=state_dict)
-    return job.run / "patch"
+    save_patch(model, output_dir(cfg, job.run), meta, save_dtype=cfg.save_dtype, state_dict=state_dict)
 
 
-def save_full(job: Job, model: Any, state_dict: dict[str, Any] | None, stats: dict[str, Any]) -> Path:
+def save_full(job: Job, model: Any, state_dict: dict[str, Any] | None, stats: dict[str, Any]) -> None:
     """The fully fine-tuned model from `model` (or from `state_dict`, gathered from sharded ranks)."""
-    out = job.run / "model"
-    with staged_dir(out) as tmp:
+    with staged_dir(output_dir(job.cfg, job.run)) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         job.tok.save_pretrained(tmp)
         atomic_write_json(tmp / "finetune.json", {"base_model": {"spec": job.cfg.model}, "recipe": to_dict(job.cfg),
                                                   "data": job.data_meta, "training": stats,
                                                   "fingerprint": job.base_fingerprint or fingerprint(model)})
-    return out

@@ -6,7 +6,7 @@ imported at module level: torch / transformers load inside the functions that ne
 (`modeling.backends`) are imported from their module directly.
 """
 
-from .compat import as_out_in, bf16_supported, cache_keyword, check_device, params, unwrap_lm
+from .compat import as_out_in, bf16_supported, cache_keyword, check_device, enable_checkpointing, params, unwrap_lm
 from .generation import Chat, Generation, as_chat, generate
 from .architecture import decoder_layers, layer_stack, num_layers
 from .fingerprints import fingerprint, fingerprint_differences, fingerprint_id, fingerprint_like

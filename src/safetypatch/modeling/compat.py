@@ -33,6 +33,16 @@ def cache_keyword(fn: Any) -> str:
     return "cache" if "cache" in params(fn) else "past_key_values"
 
 
+def enable_checkpointing(model: Any) -> None:
+    """Non-reentrant activation (gradient) checkpointing on every decoder layer: transformers 5 renamed
+    `gradient_checkpointing_enable` to `activation_checkpointing_enable` (the old name warns)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def bf16_supported(device: str) -> bool:
     """Whether bf16 autocast runs natively on `device`: a CUDA GPU with bf16, or a CPU with native bf16 dot products
     (AVX512-BF16 / AMX), where autocast matmuls run ~2x faster than fp32."""

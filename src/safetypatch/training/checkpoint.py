@@ -60,9 +60,14 @@ def check_resume_recipe(run_dir: Path, cfg: TrainConfig) -> None:
         raise ConfigError(f"{run_dir}: --resume with a different recipe (fields {diff}); use the same flags")
 
 
+def trained_parameters(model: Any) -> dict[str, Any]:
+    """The trained parameters by name: every trainable one and every LoRA tensor (a frozen A is part of the patch)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad or "lora_" in n}
+
+
 def trainable_state(model: Any) -> dict[str, Any]:
-    """Trained tensors: every trainable parameter and every LoRA tensor (a frozen A is part of the patch too)."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad or "lora_" in n}
+    """A copy of the trained tensors (`trained_parameters`)."""
+    return {n: p.detach().clone() for n, p in trained_parameters(model).items()}
 
 
 def load_trainable(model: Any, state: dict[str, Any]) -> None:

@@ -10,9 +10,9 @@ operation here is the identity.
   Written by hand rather than with torch's DistributedDataParallel wrapper: DDP arms its gradient hooks in the
   wrapper's forward, while the trainer's speed paths (training/speed.py) run the decoder stack directly; a patch's
   trainable tensors are small, so one all_reduce each per optimizer step costs little.
-- **fsdp / deepspeed** (sharded weights, GPU only): the model and optimizer go through `Accelerator.prepare`
-  (`ShardedEngine`); the speed paths, the dev checks and checkpoints step aside (each says so), and the patch
-  is gathered (`Accelerator.get_state_dict`) and written by rank 0.
+- **fsdp / deepspeed** (sharded weights; FSDP on GPUs only, DeepSpeed also on CPUs over gloo): the model and
+  optimizer go through `Accelerator.prepare` (`prepare_sharded`); the speed paths, the dev checks and checkpoints
+  step aside (`check_engine` says so), and the patch is gathered (`gathered_state`) and written by rank 0.
 
 Anything that is done once (anchor answers, dev checks, logs, checkpoints, the patch) is done by rank 0: the
 others wait (`main_first`, `barrier`) or receive its result (`broadcast`).
@@ -29,7 +29,6 @@ from typing import Any, Iterator, Sequence, TypeVar
 from ..errors import ConfigError
 
 T = TypeVar("T")
-ENGINES = ("single", "ddp", "fsdp", "deepspeed")
 SHARDED = ("fsdp", "deepspeed")
 
 
@@ -134,7 +133,8 @@ class Ranks:
         return t.tolist()
 
     def sync_gradients(self, params: Sequence[Any]) -> None:
-        """Sum each trainable parameter's gradient over ranks (a rank that saw no example adds zeros)."""
+        """Sum each trainable parameter's gradient over ranks (a rank that saw no example adds zeros), in one
+        all_reduce over the gradients laid end to end."""
         if not self.multi or self.sharded:
             return
         import torch
@@ -143,7 +143,10 @@ class Ranks:
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad.copy_(g.view_as(p.grad))
 
     def sync_parameters(self, params: Sequence[Any]) -> None:
         """Copy rank 0's values of `params` to every rank (after initialisation, like DDP's first broadcast)."""

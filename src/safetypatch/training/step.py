@@ -6,7 +6,7 @@ from typing import Any
 
 from ..config import parse_layers
 from ..errors import ConfigError
-from ..modeling import decoder_layers, num_layers, resolve_targets
+from ..modeling import decoder_layers, enable_checkpointing, num_layers, resolve_targets
 from .config import TrainConfig, bf16_autocast
 from .distributed import Ranks
 from .loss import compute_loss, response_tokens
@@ -38,12 +38,8 @@ def prepare_model(cfg: TrainConfig, model: Any) -> Any:
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif cfg.gradient_checkpointing:  # transformers 5 renamed it activation checkpointing
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.gradient_checkpointing:
+        enable_checkpointing(model)
     if cfg.method == "lora":
         from ..patches import attach_new_patch
 
