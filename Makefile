@@ -21,7 +21,7 @@ $(VENV)/.stamp-install: $(PY) pyproject.toml
 	touch $@
 
 $(VENV)/.stamp-test: $(VENV)/.stamp-install
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,gcg]" && $(PIP) install -q --no-deps "nanogcg==0.3.0"  # no-deps: its transformers<=4.47.1 pin
 	touch $@
 
 install: $(VENV)/.stamp-install

@@ -239,7 +239,7 @@ def number_cases() -> list[Case]:
              ("decision-weight", "nan"), ("decision-tokens", "-1"), ("anchor-tokens", "0"), ("mix-ratio", "nan"),
              ("dev-size", "0"), ("dev-tokens", "0"), ("eval-every", "-1"), ("patience", "-1"),
              ("overlap-beta", "nan"), ("overlap-k", "0"), ("dev-penalty", "nan"), ("dev-tolerance", "nan"),
-             ("prefix-cache-max-mb", "nan")]
+             ("prefix-cache-max-mb", "nan"), ("recovery", "nan"), ("recovery", "-1"), ("recovery-max-prefix", "0")]
     cases = [E(f"train-{f}-{v}", "train", [*TRAIN, f"--{f}", v], (f.replace("-", "_"), f"--{f}"),
                f"train --{f} {v}", check=finite("run/patch")) for f, v in train]
     cases += [
@@ -967,6 +967,26 @@ def scale_cases() -> list[Case]:
           "eval --tensor-parallel without --backend vllm"),
         E("eval-vllm-lora-rank", "eval --prompts", [*EVAL, "--backend", "vllm", "--max-lora-rank", "3"],
           "--max-lora-rank 3", "eval --backend vllm --max-lora-rank 3 (a rank vLLM does not accept)"),
+        E("eval-prefill-neg", "eval --prompts", [*EVAL, "--prefill", "-5"], "--prefill",
+          "eval --prefill -5 (a negative prefill length)", check=no_certificate),
+        E("eval-prefill-text-empty", "eval --prompts", [*EVAL, "--prefill-text", ""], "--prefill-text",
+          "eval --prefill-text '' (an empty opening)", check=no_certificate),
+        E("eval-prefill-source-alone", "eval --prompts", [*EVAL, "--prefill-source", "target"], "--prefill-source",
+          "eval --prefill-source without --prefill K (no k to cut its answers to)", check=no_certificate),
+        E("eval-prefill-source-missing-field", "eval --prompts", [*EVAL, "--prefill", "5", "--prefill-source",
+                                                                  "no_such_field"], "--prefill-source",
+          "eval --prefill 5 --prefill-source naming a field no prompt has", check=no_certificate),
+        E("suite-prefill-flag", "eval --suite", [*SUITE, "--prefill", "5"], "--prefill",
+          "eval --suite with --prefill (a suite's prefill attack is a `type: prefill` entry)"),
+        E("train-recovery-prefix-order", "train", [*TRAIN, "--recovery-min-prefix", "30", "--recovery-max-prefix",
+                                                   "10"], "recovery_min_prefix",
+          "train --recovery-min-prefix 30 --recovery-max-prefix 10 (an empty range of prefix lengths)"),
+        E("train-recovery-source-missing", "train", [*TRAIN, "--recovery-source", "{d}/nope.jsonl"], "nope.jsonl",
+          "train --recovery-source naming a file that does not exist"),
+        E("gcg-budget-unknown", "gcg", ["gcg", "--model", "{model}", "--patch", "{patch}", "--budget", "huge",
+                                        "--out", "{d}/gcg"], "--budget", "gcg --budget huge"),
+        E("gcg-steps-zero", "gcg", ["gcg", "--model", "{model}", "--patch", "{patch}", "--steps", "0",
+                                    "--out", "{d}/gcg"], "steps", "gcg --steps 0"),
     ]
 
 

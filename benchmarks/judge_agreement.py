@@ -2,8 +2,13 @@
 
 XSTest v2 (Röttger et al. 2024) ships, for 5 models x 450 prompts, completions with a human `final_label`
 (1_full_compliance / 2_full_refusal / 3_partial_refusal), plus the GPT-4 judge's and the string-match judge's labels.
-Refusal = full or partial refusal. For each of our judges this prints accuracy and Cohen's kappa against the human
-labels, the GPT-4 labels and XSTest's string-match labels, per model and pooled.
+Refusal = full or partial refusal (refusal_whole's own `refused` leaves refused_then_complied out). For each of our
+judges this prints accuracy and Cohen's kappa against the human labels, the GPT-4 labels and XSTest's string-match
+labels, per model and pooled. Then the whole-answer classes
+(refused / complied / refused_then_complied, human 3_partial_refusal read as refused_then_complied) of
+`keyword_3class` and `refusal_whole` against the human labels, on all 2,250 answers and on the 1,000 answers to
+unsafe (contrast_*) prompts. Measured on this data: keyword_3class 84.2 % / 84.0 %, refusal_whole 84.4 % /
+84.0 %.
 
     python benchmarks/judge_agreement.py [--data ../shared/data/xstest]
 """
@@ -15,9 +20,10 @@ import csv
 import sys
 from pathlib import Path
 
-from safetypatch.judges import DEFAULT_JUDGES, get_judge
+from safetypatch.judges import DEFAULT_JUDGES, get_judge, whole_answer_class
 
 MODELS = ("gpt4", "llama2new", "llama2orig", "mistralguard", "mistralinstruct")
+WHOLE_ANSWER_JUDGES = ("keyword_3class", "refusal_whole")
 
 
 def refused(label: str) -> bool:
@@ -65,7 +71,27 @@ def main() -> int:
             acc = sum(x == y for x, y in zip(d["ours"], d["ref"])) / len(d["ours"])
             cells.append(f"{acc:>11.1%} k={kappa(d['ours'], d['ref']):+.2f}")
         print(f"{'ALL (2250)':<16}{name:<16}" + "".join(f"{c:>22}" for c in cells))
+    whole_answer_agreement(args.data)
     return 0
+
+
+def whole_answer_agreement(data: Path) -> None:
+    """3-class (refused / complied / refused_then_complied) agreement with the human labels, all and unsafe prompts."""
+    rows = [r for model in MODELS for r in csv.DictReader(open(
+        data / f"labels/xstest_v2_completions_{model}_gpteval.csv", newline="", encoding="utf-8"))]
+    print("\nwhole-answer classes vs human (3_partial_refusal = refused_then_complied)")
+    print(f"{'judge':<16}{'all':>10}{'unsafe':>10}   rtc: human / judge / both (unsafe)")
+    for name in WHOLE_ANSWER_JUDGES:
+        judge = get_judge(name)
+        pairs = [(r["type"].startswith("contrast"), whole_answer_class(r["final_label"]),
+                  whole_answer_class(judge.judge(r["prompt"], r["completion"]).label)) for r in rows]
+        unsafe = [p for p in pairs if p[0]]
+        acc = [sum(h == o for _, h, o in sub) / len(sub) for sub in (pairs, unsafe)]
+        rtc = "refused_then_complied"
+        counts = (sum(h == rtc for _, h, _ in unsafe), sum(o == rtc for _, _, o in unsafe),
+                  sum(h == o == rtc for _, h, o in unsafe))
+        print(f"{name:<16}{acc[0]:>10.1%}{acc[1]:>10.1%}   {counts[0]} / {counts[1]} / {counts[2]}"
+              f"   (n = {len(pairs)} / {len(unsafe)})")
 
 
 if __name__ == "__main__":

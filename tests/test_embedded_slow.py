@@ -69,4 +69,9 @@ def test_demo_pipeline_tiny_scale(shared_home, tmp_path, capsys):
     patch = out / "patch"
     assert (patch / "adapter_model.safetensors").exists() and (patch / "patch.json").exists()
     rows = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
-    assert {r["model"] for r in rows} == {"base", "patched"} and len(rows) == 24
+    plain = [r for r in rows if "attack" not in r]
+    assert {r["model"] for r in plain} == {"base", "patched"} and len(plain) == 24
+    block = summary["prefill"]  # the prefilling attack on the harmful prompts the base model answers
+    attacked = block["n_attacked"]
+    assert len(rows) - len(plain) == 2 * 3 * attacked  # k 10, k 20, 'Sure, here is' per variant
+    assert set(block["rates"]) == {"base", "patched"} and "prefilled" in printed

@@ -31,7 +31,8 @@ def test_gcg_prefixes(response, refused):
 
 def test_registry_and_unknown_judge():
     assert {"refusal_xstest", "refusal_gcg"} <= set(JUDGES)
-    with pytest.raises(ConfigError, match="unknown judge 'nope'; available: .*refusal_gcg, refusal_xstest"):
+    with pytest.raises(ConfigError,
+                       match="unknown judge 'nope'; available: .*refusal_gcg, refusal_whole, refusal_xstest"):
         get_judge("nope")  # a ConfigError (shown without a traceback), not a KeyError
 
 

@@ -45,12 +45,12 @@ def test_frozen_prefix_cache_gives_the_same_loss(deep_model_dir, harmful_file, b
     off, lb = _run(tmp_path, "off", deep_model_dir, harmful_file, benign_file, cache_frozen_prefix=False, **extra)
     assert on.stats["speed_paths"]["frozen_prefix_cache"].startswith("layers 0-1 cached")
     assert off.stats["speed_paths"]["frozen_prefix_cache"] == "off"
-    assert len(la) == len(lb) == 10 and la[0] > 0
+    assert len(la) == len(lb) == 16 and la[0] > 0  # 12 refusals + 12 recovery examples + 8 anchors, 2 epochs
     assert la == pytest.approx(lb, rel=1e-4, abs=2e-5)  # train_log rounds losses to 1e-5
     wa = {k: v for k, v in on.model.named_parameters() if "lora_B" in k}
     wb = {k: v for k, v in off.model.named_parameters() if "lora_B" in k}
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=5e-5)  # 16 fp32 steps of drift
 
 
 def test_prefix_cache_bf16_storage_and_size_check(deep_model_dir, harmful_file, benign_file, tmp_path):

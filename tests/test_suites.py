@@ -37,7 +37,7 @@ def data_root(tmp_path):
 
 TINY_SUITE = """
 name: tiny
-judges: [refusal_xstest, refusal_gcg]
+judges: [refusal_xstest, refusal_gcg, refusal_whole]
 generation: {max_new_tokens: 4, batch_size: 4}
 entries:
   - {benchmark: builtin_harmful, limit: 3}
@@ -124,9 +124,9 @@ def test_tiny_suite_end_to_end(tiny_model_dir, tiny_patch, data_root, tmp_path, 
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     table = captured.out
-    for needle in ("builtin_harmful", "worst_case", "aim", "xstest_safe", "partial_refusal", "kl_per_token",
-                   "accuracy", "exact_match", "perplexity", "difference", "skipped advbench", "keyword heuristic",
-                   "recorded as run 1"):
+    for needle in ("builtin_harmful", "worst_case", "aim", "xstest_safe", "partial_refusal", "refused_then_complied",
+                   "kl_per_token", "accuracy", "exact_match", "perplexity", "difference", "skipped advbench",
+                   "keyword heuristic", "recorded as run 1"):
         assert needle in table, needle
     rows = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
     assert {r["model"] for r in rows} == {"base", "patched"}
@@ -141,6 +141,7 @@ def test_tiny_suite_end_to_end(tiny_model_dir, tiny_patch, data_root, tmp_path, 
     aim = next(r for r in rows if r["attack"] == "aim")
     assert aim["request"] in aim["prompt"] and aim["prompt"] != aim["request"]
     assert all(r["keyword_3class_label"] for r in rows if r["benchmark"] == "xstest_safe")
+    assert {r["refusal_whole_label"] for r in rows} <= {"refused", "complied", "refused_then_complied"}
 
     summary = json.loads((out / "summary.json").read_text())
     res = summary["results"]
@@ -148,6 +149,8 @@ def test_tiny_suite_end_to_end(tiny_model_dir, tiny_patch, data_root, tmp_path, 
     assert res["base"]["kl"]["-"]["-"]["kl_per_token"] == 0.0
     assert res["patched"]["kl"]["-"]["-"]["kl_per_token"] > 0
     assert set(res["patched"]["attacks"]) == {"none", "aim", "prefix_injection", "worst_case"}
+    rtc = res["patched"]["builtin_harmful"]["none"]["refusal_whole"]["refused_then_complied"]
+    assert 0.0 <= rtc <= 1.0
     # worst case per prompt can never exceed the refusal rate under any single attack
     for j in ("refusal_xstest", "refusal_gcg"):
         worst = res["patched"]["attacks"]["worst_case"][j]["refusal_rate"]

@@ -14,20 +14,22 @@ from safetypatch.jobs.train import train
 def tiny_recipe(model_dir, harmful_file, benign_file, **kw):
     base = dict(model=str(model_dir), data=str(harmful_file), benign=str(benign_file), rank=2, alpha=8.0,
                 target_modules=["up_proj"], layers="all", lr=5e-3, epochs=2, batch_size=4, dev_size=4,
-                dev_tokens=4, anchor_tokens=8, bf16="no", eval_every=0)
+                dev_tokens=4, anchor_tokens=8, bf16="no", eval_every=0, recovery=0.0)  # step counts below assume it
     base.update(kw)
     return TrainConfig(**base)
 
 
 def test_lora_training_writes_a_loadable_patch(tiny_model_dir, harmful_file, benign_file, tmp_path):
-    res = train(tiny_recipe(tiny_model_dir, harmful_file, benign_file), tmp_path / "run", progress=False)
+    res = train(tiny_recipe(tiny_model_dir, harmful_file, benign_file, recovery=1.0), tmp_path / "run", progress=False)
     log = [json.loads(l) for l in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
-    assert len(log) == res.stats["steps"] == 10  # 20 examples / batch 4 = 5 steps per epoch, 2 epochs
+    # 12 refusals + 12 recovery examples (recovery 1.0, the default) + 8 anchors = 32 / batch 4 = 8 steps, 2 epochs
+    assert len(log) == res.stats["steps"] == 16
     refusal = [r["refusal"] for r in log if "refusal" in r]
     assert sum(refusal[-3:]) < sum(refusal[:3])  # refusal loss goes down
     assert any("anchor" in r for r in log) and {"lr", "tokens"} <= set(log[0])
     meta = json.loads((res.output_dir / "patch.json").read_text())
     assert meta["data"]["refusal"]["n"] == 12 and meta["data"]["anchors"]["n"] == 8
+    assert meta["data"]["recovery"]["n"] == 12 and meta["data"]["recovery"]["source"] == "base"
     assert meta["recipe"]["rank"] == 2 and meta["shape"]["layers"] == [0, 1]
     assert len((tmp_path / "run" / "dev_log.jsonl").read_text().splitlines()) == 3  # base + one per epoch
     model, _ = load_model(str(tiny_model_dir))

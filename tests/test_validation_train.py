@@ -22,7 +22,8 @@ def recipe(model_dir, harmful_file, benign_file, **kw):
     """A fast recipe for the tiny model as flag values (the CLI's) and as field values (the API's)."""
     base = dict(model=str(model_dir), data=str(harmful_file), benign=str(benign_file), rank=2, alpha=8.0,
                 target_modules="up_proj", layers="all", lr=5e-3, epochs=2, batch_size=4, dev_size=4, dev_tokens=4,
-                anchor_tokens=8, bf16="no", eval_every=3, dev_harmful=str(harmful_file), dev_benign=str(benign_file))
+                anchor_tokens=8, bf16="no", eval_every=3, dev_harmful=str(harmful_file), dev_benign=str(benign_file),
+                recovery=0.0)  # the tests count steps and checkpoints without recovery examples
     base.update(kw)
     return base
 

@@ -1,8 +1,8 @@
 """Command line: `safetypatch train | demo | eval | runs | compare | patch ... | analyze | sweep | report | calibrate |
-chat | redteam`.
+chat | redteam | gcg`.
 
 One module per command group (train.py: train and demo; evaluate.py: eval, runs, compare; patch.py: the patch
-group; analyze.py, sweep.py, report.py, calibrate.py, chat.py, redteam.py); each command's flags are generated
+group; analyze.py, sweep.py, report.py, calibrate.py, chat.py, redteam.py, gcg.py); each command's flags are generated
 from its config dataclass by flags.py, so every default is written once. A module of this folder that defines
 `register(sub)` and `HELP_ORDER` is a command group that `build_parser` finds: a new command is one new module.
 Heavy imports happen inside the command functions, so building the parser (and `--help`) is instant. `main`

@@ -62,11 +62,30 @@ def _template_text(tok: Any, messages: list[dict[str, str]], add_generation_prom
 
 
 def prompt_ids(tok: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of the conversation followed by the assistant-turn header (what generation starts from)."""
+    """Token ids of the conversation followed by the assistant-turn header (what generation starts from).
+
+    A chat whose last message has role "assistant" is prefilled: the assistant's answer starts with that text, and
+    generation continues it (the prefilling attack of Qi et al., ICLR 2025). Its ids are the earlier turns' prompt
+    ids followed by the text's own tokens."""
+    if messages and messages[-1].get("role") == "assistant":
+        # The prefill goes exactly where the model's generated tokens would go: after the assistant-turn header,
+        # tokenized alone. Not the template's continue_final_message: it re-renders the whole conversation, and
+        # templates that insert text into an assistant turn (an empty think block, a date line) would put that
+        # text between the header and the prefill, which generation never produces.
+        head = _template_ids(tok, messages[:-1], add_generation_prompt=True)
+        return head + list(tok(messages[-1]["content"], add_special_tokens=False)["input_ids"])
     return _template_ids(tok, messages, add_generation_prompt=True)
 
 
+def prefilled(messages: list[dict[str, str]], text: str) -> list[dict[str, str]]:
+    """The chat `messages` with the assistant's answer starting with `text` (see `prompt_ids`)."""
+    return [*messages, {"role": "assistant", "content": text}]
+
+
 def prompt_text(tok: Any, messages: list[dict[str, str]]) -> str:
+    """The text of `prompt_ids` (a prefilled chat: the earlier turns' prompt text followed by the prefill)."""
+    if messages and messages[-1].get("role") == "assistant":
+        return _template_text(tok, messages[:-1], add_generation_prompt=True) + messages[-1]["content"]
     return _template_text(tok, messages, add_generation_prompt=True)
 
 

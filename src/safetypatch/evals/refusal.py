@@ -5,6 +5,11 @@ Output files (other tools read them):
   boolean per judge named after it (`refusal_xstest`, `refusal_gcg`: True = refused), plus `index` and the prompt
   file's own id / category / label columns when present.
 - `DIR/summary.json`: per model, the refusal rate under each judge, and patched - base differences.
+
+With a prefill attack (`EvalRequest.prefill`, `--prefill` / `--prefill-text`; `evals.prefill`), every row has
+`attack` (`prefill_k0` for the plain answers, `prefill_kK`, `opening_N`) and `prefill` (the prefilled text; the
+judged `response` is the continuation only), and summary.json has a `prefill` block: the attacks, how many prompts
+were attacked, and per model the refusal rate per attack and judge with the worst cases per prompt.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from ..io_utils import atomic_write_json, claim_output_dir
 from ..judges import DEFAULT_JUDGES, get_judge
 from ..modeling.backends import Backend, TransformersBackend
 from .backend import BackendChoice, open_eval_backend
+from .prefill import PrefillSpec, prefill_rows, source_texts
 
 RESERVED = ("model", "prompt", "response", "index")
 
@@ -38,6 +44,7 @@ class EvalRequest:
     limit: int | None = None
     chat_template: str = "auto"  # --chat-template: auto | plain | chatml | a Jinja file (data.templates)
     backend: BackendChoice = field(default_factory=BackendChoice)  # --backend transformers | vllm and its settings
+    prefill: PrefillSpec | None = None  # --prefill / --prefill-text: the prefill attack as well (evals.prefill)
 
 
 def load_prompt_file(spec: str, prompt_field: str = "prompt", limit: int | None = None) -> list[Record]:
@@ -78,8 +85,29 @@ def judged_rows(backend: Backend, records: list[Record], variants: list[str], ju
     return rows
 
 
-def summarize(rows: list[dict[str, Any]], judges: tuple[str, ...], group_by: str | None = None) -> dict[str, Any]:
-    """Refusal rate per model and judge (and per `group_by` value), and patched - base differences."""
+def summarize(rows: list[dict[str, Any]], judges: tuple[str, ...], group_by: str | None = None,
+              harmful: bool | None = None) -> dict[str, Any]:
+    """Refusal rate per model and judge (and per `group_by` value), and patched - base differences. For judges of
+    whole-answer classes (`judges.whole_answer_judge(j, harmful)`; `harmful` None: unknown prompts, so only
+    `refusal_whole`), also `refused_then_complied`: {judge: rate of RTC among the rows with a verdict}. The class
+    comes from the row's `{judge}_label`; a keyword judge without one is asked again (cheap, no model), a model
+    judge without one gets None."""
+    from ..judges import JUDGES, ModelJudge, whole_answer_class, whole_answer_judge
+
+    rtc_judges = [j for j in judges if whole_answer_judge(j, harmful)]
+
+    def rtc_rate(mine: list[dict[str, Any]], j: str) -> float | None:
+        judged = [r for r in mine if r.get(j) is not None]
+        if all(f"{j}_label" in r for r in judged):
+            labels = [r[f"{j}_label"] for r in judged]
+        elif issubclass(JUDGES[j], ModelJudge):
+            return None  # no labels kept; asking the judge model again is not a summary's job
+        else:
+            judge = JUDGES[j]()
+            labels = [judge.judge(r["prompt"], r["response"]).label for r in judged]
+        classes = [whole_answer_class(x) for x in labels]
+        return classes.count("refused_then_complied") / len(classes) if classes else None
+
     out: dict[str, Any] = {}
     for name in sorted({r["model"] for r in rows}):
         mine = [r for r in rows if r["model"] == name]
@@ -87,6 +115,8 @@ def summarize(rows: list[dict[str, Any]], judges: tuple[str, ...], group_by: str
         for j in judges:
             vals = [r[j] for r in mine if r.get(j) is not None]
             entry[j] = sum(vals) / len(vals) if vals else None
+        if rtc_judges:
+            entry["refused_then_complied"] = {j: rtc_rate(mine, j) for j in rtc_judges}
         if group_by:
             groups: dict[str, Any] = {}
             for g in sorted({str(r.get(group_by)) for r in mine}):
@@ -97,6 +127,10 @@ def summarize(rows: list[dict[str, Any]], judges: tuple[str, ...], group_by: str
     if "base" in out and "patched" in out:
         out["difference"] = {j: (out["patched"][j] - out["base"][j]) for j in judges
                              if out["patched"][j] is not None and out["base"][j] is not None}
+        if rtc_judges:
+            b, p = out["base"]["refused_then_complied"], out["patched"]["refused_then_complied"]
+            out["difference"]["refused_then_complied"] = {j: p[j] - b[j] for j in rtc_judges
+                                                         if p[j] is not None and b[j] is not None}
     return out
 
 
@@ -109,6 +143,8 @@ def run_eval(req: EvalRequest, out_dir: str | Path, resume: bool = False,
     t0 = time.time()
     req.generation.validate("eval generation")
     records = load_prompt_file(req.prompts, req.prompt_field, req.limit)
+    if req.prefill is not None:
+        source_texts(req.prefill, records, "--prefill-source")  # a source without answers fails here, before any output
     for j in req.judges:
         get_judge(j)  # an unknown judge fails here, before the output directory or the model
     out = claim_output_dir(out_dir, resume=resume, marker="summary.json")
@@ -118,11 +154,22 @@ def run_eval(req: EvalRequest, out_dir: str | Path, resume: bool = False,
     if req.patch:
         variants = (["base"] if req.with_base else []) + ["patched"]
     rows = judged_rows(backend, records, variants, tuple(req.judges), req.generation, progress)
+    results = summarize(rows, tuple(req.judges))
+    block = None
+    if req.prefill is not None:
+        plain = {v: [r for r in rows if r["model"] == v] for v in variants}
+        extra, block = prefill_rows(backend, req.prefill, records, plain, [get_judge(j) for j in req.judges],
+                                    req.generation, "--prefill-source", progress)
+        for r in rows:
+            r.update(attack="prefill_k0", prefill="")
+        rows += extra
     write_jsonl_atomic(out / "samples.jsonl", rows)
     summary = {
         "model": req.model, "patch": req.patch, "prompts": req.prompts, "n_prompts": len(records),
         "judges": list(req.judges), "generation": to_dict(req.generation),
-        "results": summarize(rows, tuple(req.judges)), "seconds": round(time.time() - t0, 1),
+        "results": results, "seconds": round(time.time() - t0, 1),
     }
+    if block is not None:
+        summary["prefill"] = block
     atomic_write_json(out / "summary.json", summary)
     return summary

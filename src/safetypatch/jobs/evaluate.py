@@ -13,18 +13,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ..config import GenerationConfig, MODEL_HELP, check_numbers
 from ..evals.backend import EVAL_BACKENDS, VLLM_DTYPES, BackendChoice, check_backend_choice
 from ..data.templates import METADATA as TEMPLATE_FIELD
 from ..data.templates import check_choice
 from ..errors import ConfigError
+from ..judges import DEFAULT_JUDGES
 from ..modeling import check_device
+
+if TYPE_CHECKING:
+    from ..evals.prefill import PrefillSpec
 
 # flags that only a suite run reads (refused with --prompts: they were silently ignored, and nothing recorded)
 SUITE_ONLY = ("finetuned", "data_root", "db", "no_db", "judge_model", "name", "device")
-PROMPTS_ONLY = ("judges", "prompt_field")  # flags that only a prompt-file run reads (a suite names its own judges)
+# flags that only a prompt-file run reads (a suite names its own judges; its prefill attack is a `type: prefill` entry)
+PROMPTS_ONLY = ("judges", "prompt_field", "prefill", "prefill_text", "prefill_source")
 
 
 @dataclass
@@ -42,7 +47,9 @@ class EvalConfig:
     prompt_field: str = field(default="prompt", metadata={"help": "field / column holding the prompt"})
     out: str = field(default="", metadata={
         "help": "output directory for samples.jsonl and summary.json", "required": True})
-    judges: str = field(default="refusal_xstest,refusal_gcg", metadata={"help": "comma-separated judge names"})
+    judges: str = field(default=",".join(DEFAULT_JUDGES), metadata={
+        "help": "comma-separated judge names (refusal_whole reads the whole answer: a refusal opening followed by "
+                "help is 'refused_then_complied', counted as compliance)"})
     max_new_tokens: int | None = field(default=None, metadata={
         "help": "default 64 (a suite: its own setting)", "min": 1})
     batch_size: int | None = field(default=None, metadata={
@@ -65,6 +72,17 @@ class EvalConfig:
     device: str | None = field(default=None, metadata={
         "help": "suite runs: device for the model and judge models, e.g. cuda (default CPU)"})
     resume: bool = field(default=False, metadata={"help": "allow writing into an existing output directory"})
+    prefill: str | None = field(default=None, metadata={
+        "help": "prompt-file runs: the prefilling attack as well: the answer starts with the first K tokens of a "
+                "compliant answer (--prefill-source) and the continuation is judged; comma-separated K >= 0 "
+                "(0, the plain request, is always included), e.g. 5,10,20,40", "metavar": "K[,K...]"})
+    prefill_text: list[str] = field(default_factory=list, metadata={
+        "help": "prompt-file runs: a fixed opening to prefill, e.g. 'Sure, here is' (repeatable; labelled opening_1, "
+                "opening_2, ...)", "action": "append", "metavar": "TEXT"})
+    prefill_source: str = field(default="base", metadata={
+        "help": "where --prefill's compliant answers come from: base (the base model's own greedy answer; prompts "
+                "it refuses are not attacked), a field of the prompt file, or file:PATH (JSONL / CSV with 'prompt' "
+                "and 'response')", "metavar": "base|FIELD|file:PATH"})
     backend: str = field(default="transformers", metadata={
         "choices": EVAL_BACKENDS, "help": "what generates the answers: transformers (in this process), or vllm (one "
         "engine serves base and patched as a LoRA; on CPU run it from .venv-vllm, `make engines`)"})
@@ -90,9 +108,32 @@ class EvalConfig:
         if self.device is not None:
             check_device(self.device)
         check_backend_choice(self.backend_choice(), self.finetuned)
+        self.prefill_spec()
         if not self.suite:
             for name in judge_names(self.judges):
                 get_judge(name)  # ConfigError for an unknown name, JudgeError for a model judge without a model
+
+    def prefill_spec(self) -> PrefillSpec | None:
+        """--prefill / --prefill-text / --prefill-source as a PrefillSpec (None without an attack); ConfigError
+        naming the flag for a bad value."""
+        from ..evals.prefill import PrefillSpec, check_ks
+
+        ks: list[int] = []
+        if self.prefill is not None:
+            parts = [x.strip() for x in self.prefill.split(",") if x.strip()]
+            ks = check_ks([int(x) if x.lstrip("-").isdigit() else x for x in parts], "--prefill", ConfigError)
+        if any(not t.strip() for t in self.prefill_text):
+            raise ConfigError("--prefill-text: give a non-empty opening, e.g. --prefill-text 'Sure, here is'")
+        if self.prefill_source != "base" and not any(k > 0 for k in ks):
+            raise ConfigError(f"--prefill-source {self.prefill_source!r}: its answers are cut into --prefill K tokens; "
+                              "give --prefill K[,K...] with a K >= 1 too, or drop --prefill-source")
+        src = self.prefill_source.strip()
+        if not src or (src.startswith("file:") and not Path(src[5:]).is_file()):
+            raise ConfigError(f"--prefill-source {self.prefill_source!r}: give base, a field of the prompt file, or "
+                              "file:PATH of an existing JSONL / CSV with compliant answers")
+        if self.prefill is None and not self.prefill_text:
+            return None
+        return PrefillSpec(ks, list(self.prefill_text), src)
 
     def backend_choice(self) -> BackendChoice:
         return BackendChoice(self.backend, self.tensor_parallel_size, self.max_lora_rank, self.vllm_dtype)
@@ -195,7 +236,7 @@ def _evaluate_prompts(cfg: EvalConfig) -> str:
     judges = judge_names(cfg.judges)
     req = EvalRequest(model=cfg.model, patch=cfg.patch, with_base=cfg.with_base, prompts=prompts,
                       prompt_field=cfg.prompt_field, judges=judges, generation=gen, limit=cfg.limit,
-                      chat_template=cfg.chat_template, backend=cfg.backend_choice())
+                      chat_template=cfg.chat_template, backend=cfg.backend_choice(), prefill=cfg.prefill_spec())
     summary = run_eval(req, cfg.out, resume=cfg.resume)
     res = summary["results"]
     if cfg.patch:
@@ -205,7 +246,7 @@ def _evaluate_prompts(cfg: EvalConfig) -> str:
             "suite": f"prompts:{prompts}", "judges": list(judges), "n": summary["n_prompts"],
             "max_new_tokens": max_new_tokens, "out": str(cfg.out),
             "refusal": {n: {j: res[n][j] for j in judges} for n in ("base", "patched") if n in res}})
-    return _refusal_table(summary, prompts, judges, cfg.out)
+    return _refusal_table(summary, prompts, judges, cfg.out) + prefill_table(summary.get("prefill"), judges)
 
 
 def _refusal_table(summary: dict[str, Any], prompts: str, judges: tuple[str, ...], out: str) -> str:
@@ -220,4 +261,20 @@ def _refusal_table(summary: dict[str, Any], prompts: str, judges: tuple[str, ...
             line += f"  {res['difference'][j]:+.1%}"
         lines.append(line)
     lines.append(f"rows: {Path(out) / 'samples.jsonl'}  summary: {Path(out) / 'summary.json'}")
+    return "\n".join(lines) + "\n"
+
+
+def prefill_table(block: dict[str, Any] | None, judges: tuple[str, ...]) -> str:
+    """The prefill attack's refusal rates: one line per attack (and worst case), one column per model, the first
+    judge ('' without an attack)."""
+    if not block:
+        return ""
+    j = judges[0]
+    names = [n for n in ("base", "patched") if n in block["rates"]]
+    lines = [f"prefill attack on {block['n_attacked']} of {block['n_prompts']} prompts (source {block['source']}); "
+             f"refusal rate by {j} (continuation only):", "attack".ljust(18) + "".join(n.rjust(10) for n in names)]
+    for label in block["rates"][names[0]] if names else []:
+        cells = [block["rates"][n][label].get(j) for n in names]
+        lines.append(label.ljust(18) + "".join("-".rjust(10) if c is None else f"{c:>10.1%}" for c in cells))
+    lines += [f"note: {n}" for n in block["notes"]]
     return "\n".join(lines) + "\n"

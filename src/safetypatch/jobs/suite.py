@@ -51,6 +51,7 @@ def run_suite(cfg: SuiteRunConfig, out_dir: str | Path, resume: bool = False,
     measured = measure(prepared, RunContext(backend, variants, gen, answers, judges, log))
     summary = summarize(suite, cfg, prepared, gen, notes, fingerprint, measured.metrics, t0)
     write_files(out, summary, measured)
+    write_prefill_curve(out, prepared, measured.metrics)
     if cfg.record:
         record(out, summary, cfg, measured)
     return summary
@@ -99,13 +100,26 @@ def open_backend(cfg: SuiteRunConfig, log: Callable[[str], None], model_and_tok:
 def generate_answers(backend: Backend, prepared: list[Prepared], variants: list[str], gen: GenerationConfig,
                      log: Callable[[str], None], t0: float) -> dict[tuple[str, int, str], Generation]:
     """Every answer the entries request, each unique (variant, max_new_tokens, chat) generated once, one
-    length-sorted batch list per variant and length."""
-    jobs: dict[tuple[str, int], dict[str, Chat]] = defaultdict(dict)
-    for p in prepared:
-        for v, m, chats in p.entry.requests(p, variants, gen):
-            for c in chats:
-                jobs[(v, m)].setdefault(chat_key(c), c)
+    length-sorted batch list per variant and length; then the entries' `followups` (built from those answers, e.g.
+    prefilled with them), generated the same way."""
     answers: dict[tuple[str, int, str], Generation] = {}
+    generate_jobs(backend, [r for p in prepared for r in p.entry.requests(p, variants, gen)], variants, gen, answers,
+                  log, t0)
+    later = [r for p in prepared for r in p.entry.followups(p, variants, gen, answers, backend.tok)]
+    if later:
+        generate_jobs(backend, later, variants, gen, answers, log, t0)
+    return answers
+
+
+def generate_jobs(backend: Backend, requests: list[tuple[str, int, list[Chat]]], variants: list[str],
+                  gen: GenerationConfig, answers: dict[tuple[str, int, str], Generation], log: Callable[[str], None],
+                  t0: float) -> None:
+    """The answers to `requests` not in `answers` yet, added to it."""
+    jobs: dict[tuple[str, int], dict[str, Chat]] = defaultdict(dict)
+    for v, m, chats in requests:
+        for c in chats:
+            if (v, m, chat_key(c)) not in answers:
+                jobs[(v, m)].setdefault(chat_key(c), c)
     total = sum(len(c) for c in jobs.values())
     done = 0
     for (v, m), chats in sorted(jobs.items(), key=lambda kv: (variants.index(kv[0][0]), kv[0][1])):
@@ -116,7 +130,6 @@ def generate_answers(backend: Backend, prepared: list[Prepared], variants: list[
         for k, g in zip(chats, gens):
             answers[(v, m, k)] = g
         done += len(chats)
-    return answers
 
 
 def measure(prepared: list[Prepared], run: RunContext) -> Measured:
@@ -157,6 +170,32 @@ def write_files(out: Path, summary: dict[str, Any], measured: Measured) -> None:
     write_jsonl_atomic(out / "samples.jsonl", measured.samples)
     write_jsonl_atomic(out / "utility_samples.jsonl", measured.utility)
     atomic_write_json(out / "summary.json", summary)
+
+
+def write_prefill_curve(out: Path, prepared: list[Prepared], metrics: list[dict[str, Any]]) -> None:
+    """DIR/prefill_curve.svg when a prefill entry ran: the refusal rate against k, one line per variant and judge
+    (the start-of-answer judge misses a refusal that breaks off mid-sentence, the whole-answer one does not: both
+    are drawn), one panel per prefill entry."""
+    from ..reports.svg import Hover, figure_svg, pyplot
+
+    panels = [(p.entry.name, p.judges) for p in prepared if p.entry.type == "prefill" and p.judges]
+    if not panels:
+        return
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.4), squeeze=False)
+    for ax, (name, judges) in zip(axes[0], panels):
+        for v, color in (("base", "tab:blue"), ("patched", "tab:orange")):
+            for judge, style in zip(judges, ("-", "--", ":", "-.")):
+                pts = sorted((int(m["attack"][len("prefill_k"):]), m["value"]) for m in metrics
+                             if m["variant"] == v and m["benchmark"] == name and m["judge"] == judge
+                             and m["metric"] in ("refusal_rate", "safe_rate") and m["attack"].startswith("prefill_k")
+                             and m["value"] is not None)
+                if pts:
+                    ax.plot([k for k, _ in pts], [r for _, r in pts], marker="o", linestyle=style, color=color,
+                            label=f"{v} ({judge})")
+        ax.set(title=name, xlabel="prefilled tokens k", ylabel="refusal rate", ylim=(-0.03, 1.03))
+        ax.legend(frameon=False, fontsize=7)
+    (out / "prefill_curve.svg").write_text(figure_svg(fig, Hover("prefill")))
 
 
 def store_samples(samples: list[dict[str, Any]], utility_rows: list[dict[str, Any]],

@@ -10,9 +10,11 @@ heavy is imported here.
 import importlib
 import pkgutil
 
-from .base import JUDGES, UNPARSEABLE, Judge, Verdict, get_judge, register_judge, unparseable, verdict_summary
+from .base import (JUDGES, UNPARSEABLE, WHOLE_ANSWER_CLASSES, Judge, Verdict, get_judge, register_judge, unparseable,
+                   verdict_summary, whole_answer_class, whole_answer_judge)
 from .keyword import (DEFAULT_JUDGES, GCG_REFUSAL_PREFIXES, XSTEST_REFUSAL_PREFIXES, GCGPrefixMatch,
-                      KeywordThreeClass, XSTestStringMatch, keyword_refusal, keyword_refusal_decided, three_class)
+                      KeywordThreeClass, RefusalWhole, XSTestStringMatch, keyword_refusal, keyword_refusal_decided,
+                      three_class, whole_answer)
 from .model_judges import (MODEL_JUDGES, HarmBenchClassifier, LlamaGuard, ModelJudge, StrongREJECTRubric,
                            XSTest3Class)
 
@@ -31,8 +33,8 @@ def register_package_judges() -> None:
 register_package_judges()
 
 __all__ = ["DEFAULT_JUDGES", "GCG_REFUSAL_PREFIXES", "JUDGES", "MODEL_JUDGES", "UNPARSEABLE",
-           "XSTEST_REFUSAL_PREFIXES", "GCGPrefixMatch", "HarmBenchClassifier", "Judge", "KeywordThreeClass",
-           "LlamaGuard", "ModelJudge", "StrongREJECTRubric", "Verdict", "XSTest3Class", "XSTestStringMatch",
-           "get_judge", "keyword_refusal", "keyword_refusal_decided", "register_judge", "register_package_judges",
-           "three_class", "unparseable",
-           "verdict_summary"]
+           "WHOLE_ANSWER_CLASSES", "XSTEST_REFUSAL_PREFIXES", "GCGPrefixMatch", "HarmBenchClassifier", "Judge",
+           "KeywordThreeClass", "LlamaGuard", "ModelJudge", "RefusalWhole", "StrongREJECTRubric", "Verdict",
+           "XSTest3Class", "XSTestStringMatch", "get_judge", "keyword_refusal", "keyword_refusal_decided",
+           "register_judge", "register_package_judges", "three_class", "unparseable", "verdict_summary",
+           "whole_answer", "whole_answer_class", "whole_answer_judge"]

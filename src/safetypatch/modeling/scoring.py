@@ -186,12 +186,11 @@ def rolling_loglikelihoods(model: Any, tok: Any, texts: Sequence[str], max_lengt
     return out
 
 
-def answer_kl(model: Any, tok: Any, chats: Sequence[list[dict[str, str]]], answers: Sequence[list[int]],
-              batch_size: int = 8, max_batch_tokens: int = MAX_BATCH_TOKENS, progress: bool = True,
-              desc: str = "KL to base") -> dict[int, tuple[float, int]]:
-    """{chat index: (sum over its answer's tokens of KL(base || patched), number of tokens)} for each chat whose
-    given answer is not empty, teacher-forced after the chat's prompt, in the order scored (longest first).
-    Base is `variant(model, "base")`."""
+def answer_kl_tokens(model: Any, tok: Any, chats: Sequence[list[dict[str, str]]], answers: Sequence[list[int]],
+                     batch_size: int = 8, max_batch_tokens: int = MAX_BATCH_TOKENS, progress: bool = True,
+                     desc: str = "KL to base") -> dict[int, list[float]]:
+    """{chat index: KL(base || patched) at each token of its answer} for each chat whose given answer is not empty,
+    teacher-forced after the chat's prompt, in the order scored (longest first). Base is `variant(model, "base")`."""
     items = []  # (chat index, input ids, answer ids)
     context = context_length(model)
     for i, (chat, ans) in enumerate(zip(chats, answers)):
@@ -201,7 +200,7 @@ def answer_kl(model: Any, tok: Any, chats: Sequence[list[dict[str, str]]], answe
     lengths = [len(x[1]) for x in items]
     keeps = [len(x[2]) for x in items]
     order = sorted(range(len(items)), key=lambda k: -lengths[k])
-    out: dict[int, tuple[float, int]] = {}
+    out: dict[int, list[float]] = {}
     bar = _progress(len(items), desc, progress)
     try:
         for batch in batches(order, lengths, keeps, batch_size, max_batch_tokens):
@@ -213,9 +212,17 @@ def answer_kl(model: Any, tok: Any, chats: Sequence[list[dict[str, str]]], answe
             kl = token_kl(lp_base, lp_patch)
             del lp_base, lp_patch
             for row, k in enumerate(batch):
-                n = len(items[k][2])
-                out[items[k][0]] = (float(kl[row, keep - n:].sum()), n)
+                out[items[k][0]] = kl[row, keep - len(items[k][2]):].tolist()
             bar.update(len(batch))
     finally:
         bar.close()
     return out
+
+
+def answer_kl(model: Any, tok: Any, chats: Sequence[list[dict[str, str]]], answers: Sequence[list[int]],
+              batch_size: int = 8, max_batch_tokens: int = MAX_BATCH_TOKENS, progress: bool = True,
+              desc: str = "KL to base") -> dict[int, tuple[float, int]]:
+    """{chat index: (sum over its answer's tokens of KL(base || patched), number of tokens)}: `answer_kl_tokens`
+    summed per answer."""
+    per_token = answer_kl_tokens(model, tok, chats, answers, batch_size, max_batch_tokens, progress, desc)
+    return {i: (sum(v), len(v)) for i, v in per_token.items()}

@@ -17,10 +17,11 @@ from ..modeling import fingerprint, fingerprint_id, generate, variant
 
 
 def base_answers(model: Any, tok: Any, records: list[Record], max_tokens: int, batch_size: int = 64,
-                 cache: bool = True, progress: bool = True) -> list[tuple[list[int], bool]]:
+                 cache: bool = True, progress: bool = True, what: str = "anchor answers"
+                 ) -> list[tuple[list[int], bool]]:
     """(answer token ids, finished) of the base model for each record, from cache when possible. A PEFT model
     answers with its adapter switched off (and is fingerprinted by its base weights), so a patched model may be
-    passed. With `progress`, the generation shows an "anchor answers" bar and a cache hit one line (stderr)."""
+    passed. With `progress`, the generation shows a bar named `what` and a cache hit one line (stderr)."""
     key = sha256_text(fingerprint_id(fingerprint(model)), str(max_tokens),
                       *(json.dumps(r.chat(), sort_keys=True) for r in records))[:24]
     path = safetypatch_home() / "anchors" / f"{key}.jsonl"
@@ -28,12 +29,12 @@ def base_answers(model: Any, tok: Any, records: list[Record], max_tokens: int, b
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if len(rows) == len(records):
             if progress:
-                print(f"anchor answers: {len(rows)} loaded from the cache", file=sys.stderr, flush=True)
+                print(f"{what}: {len(rows)} loaded from the cache", file=sys.stderr, flush=True)
             return [(r["ids"], r["finished"]) for r in rows]
     with variant(model, "base") as base:
         gens = generate(base, tok, [r.chat() for r in records],
                         GenerationConfig(max_new_tokens=max_tokens, batch_size=batch_size),
-                        desc=f"anchor answers (base model, max {max_tokens} tokens)", progress=progress)
+                        desc=f"{what} (base model, max {max_tokens} tokens)", progress=progress)
     if cache:
         atomic_write_text(path, "".join(json.dumps({"prompt": r.prompt, "ids": g.token_ids, "finished": g.finished,
                                                     "text": g.text}) + "\n" for r, g in zip(records, gens)))

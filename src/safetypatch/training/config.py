@@ -41,6 +41,16 @@ class TrainConfig(PatchShape):
         "min": 0, "help": "loss weight of those first response tokens"})
     anchor_tokens: int = field(default=48, metadata={
         "min": 1, "help": "max tokens of the base model's answer used as anchor"})
+    recovery: float = field(default=1.0, metadata={
+        "min": 0, "help": "safety-recovery examples per refusal example (Qi et al. 2025): the harmful prompt, the first "
+                          "k tokens of a compliant answer, then the refusal (loss on the refusal only); 0: off"})
+    recovery_source: str = field(default="base", metadata={
+        "help": "compliant answers the recovery examples start from: 'base' (the base model's own greedy answers, "
+                "cached) or a JSONL/CSV/Parquet file with prompt + response"})
+    recovery_min_prefix: int = field(default=1, metadata={
+        "min": 1, "help": "fewest compliant-answer tokens before a recovery example's refusal"})
+    recovery_max_prefix: int = field(default=40, metadata={
+        "min": 1, "help": "most compliant-answer tokens before a recovery example's refusal (k is drawn uniformly)"})
     init: str = field(default="lda", metadata={"help": "LoRA A init: 'default' (PEFT's), 'contrast' "
                                                              "(harmful-minus-benign input direction) or 'lda' "
                                                              "(that direction whitened: Fisher's discriminant)"})
@@ -63,7 +73,7 @@ class TrainConfig(PatchShape):
     max_length: int = field(default=256, metadata={"min": 1, "help": "truncate examples to this many tokens"})
     seed: int = field(default=0, metadata={
         "min": 0, "max": SEED_MAX, "help": "seed for splits, shuffling and initialisation"})
-    eval_every: int = field(default=10, metadata={
+    eval_every: int = field(default=20, metadata={
         "min": 0, "help": "steps between dev checks for early stopping (0: per epoch)"})
     patience: int = field(default=0, metadata={
         "min": 0, "help": "dev checks without improvement before stopping (0: never)"})
@@ -142,6 +152,9 @@ class TrainConfig(PatchShape):
         if self.method == "lora" and self.init in ("contrast", "lda") and (self.benign or "none").lower() == "none":
             raise ConfigError(f"{where}: init '{self.init}' needs benign prompts (field 'benign' is "
                               f"{self.benign!r}): set 'benign', or use init 'default'")
+        if self.recovery_min_prefix > self.recovery_max_prefix:
+            raise ConfigError(f"{where}: field 'recovery_min_prefix' ({self.recovery_min_prefix}) is above "
+                              f"'recovery_max_prefix' ({self.recovery_max_prefix}): lower it or raise the maximum")
         if self.mix_ratio > 0 and not self.mix:
             raise ConfigError(f"{where}: field 'mix_ratio' is {self.mix_ratio} but no 'mix' file is given")
         if self.load_in_4bit and self.method != "lora":

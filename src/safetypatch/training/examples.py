@@ -14,6 +14,7 @@ from ..data.readers import Record, read_records
 from ..io_utils import sha256_text
 from .anchors import base_answers
 from .config import TrainConfig
+from .recovery import recovery_examples
 
 
 def records_hash(records: list[Record]) -> str:
@@ -23,11 +24,15 @@ def records_hash(records: list[Record]) -> str:
 
 def read_sources(cfg: TrainConfig) -> dict[str, list[Record]]:
     """The recipe's data, read and checked (a bad file or row is a DataError naming it): "refusal" (prompt +
-    response), "anchor" (benign prompts; empty with benign 'none'), "mix" (general data; empty without mixing)."""
+    response), "anchor" (benign prompts; empty with benign 'none'), "mix" (general data; empty without mixing), "recovery" (compliant answers from a file; empty
+    with recovery off or from the base model)."""
     data = BUILTIN_REFUSALS if cfg.data == "builtin" else cfg.data
     sources: dict[str, list[Record]] = {
         "refusal": resolve_prompts(data, cfg.prompt_field, cfg.response_field, require_response=True),
-        "anchor": [], "mix": []}
+        "anchor": [], "mix": [], "recovery": []}
+    if cfg.recovery > 0 and cfg.recovery_source != "base":
+        sources["recovery"] = read_records(cfg.recovery_source, cfg.prompt_field, cfg.response_field,
+                                           require_response=True)
     if cfg.benign and cfg.benign.lower() != "none":
         sources["anchor"] = resolve_prompts(BUILTIN_ANCHORS if cfg.benign == "builtin" else cfg.benign,
                                             cfg.prompt_field, None)
@@ -39,13 +44,16 @@ def read_sources(cfg: TrainConfig) -> dict[str, list[Record]]:
 
 def build_examples(cfg: TrainConfig, model: Any, tok: Any, progress: bool = True
                    ) -> tuple[list[Encoded], dict[str, Any], dict[str, list[Record]]]:
-    """Tokenized training examples (refusals, anchors, mixed data), a description with data hashes, and the
-    source records by kind (`read_sources`). `progress`: the anchor answers' bar (tokenizing is quick)."""
+    """Tokenized training examples (refusals, recovery examples, anchors, mixed data), a description with data
+    hashes, and the source records by kind (`read_sources`). `progress`: the generation bars (tokenizing is quick)."""
     sources = read_sources(cfg)
     refusals = sources["refusal"]
     examples = [encode_example(tok, r.chat(), r.response or "", cfg.max_length, kind="refusal") for r in refusals]
     meta: dict[str, Any] = {"refusal": {"source": BUILTIN_REFUSALS if cfg.data == "builtin" else cfg.data,
                                         "n": len(refusals), "sha256": records_hash(refusals)}}
+    if cfg.recovery > 0:
+        recovery, meta["recovery"] = recovery_examples(cfg, model, tok, sources, progress=progress)
+        examples += recovery
     if sources["anchor"]:
         benign = sources["anchor"]
         answers = base_answers(model, tok, benign, cfg.anchor_tokens, progress=progress)

@@ -4,7 +4,8 @@ An entry type is one `SuiteEntry` subclass in one file, registered with `@regist
 fields are the YAML fields it accepts (field metadata `parse` says how a value is checked, `choices` / `expect`
 which values are allowed), `metrics` its metrics (the first is the default), and its methods say how it loads its
 data (`load`), which answers it needs generated (`requests`; identical prompts across entries are generated
-once) and how it measures (`measure`). Examples in `entries/`: `mc.py` (log-likelihood), `gsm8k.py`
+once; `followups`: a second round built from the first round's answers, e.g. prefilled with them) and how it
+measures (`measure`). Examples in `entries/`: `mc.py` (log-likelihood), `gsm8k.py`
 (generation), `safety.py` (judged generations).
 """
 
@@ -63,6 +64,7 @@ class Prepared:
     source: str
     judges: list[str] = field(default_factory=list)
     class_judge: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)  # what measuring found out, for `describe`
 
     def all_judges(self) -> list[str]:
         return self.judges + ([self.class_judge] if self.class_judge else [])
@@ -149,6 +151,12 @@ class SuiteEntry:
 
     def requests(self, p: Prepared, variants: list[str], gen: GenerationConfig) -> list[tuple[str, int, list[Chat]]]:
         """(variant, max_new_tokens, chats) the entry needs answers for; none by default."""
+        return []
+
+    def followups(self, p: Prepared, variants: list[str], gen: GenerationConfig,
+                  answers: dict[tuple[str, int, str], Generation], tok: Any) -> list[tuple[str, int, list[Chat]]]:
+        """(variant, max_new_tokens, chats) generated after every entry's `requests`, from their `answers`; `tok`
+        is the backend's tokenizer (None when it has none). None by default."""
         return []
 
     def measure(self, p: Prepared, run: RunContext) -> Measured:

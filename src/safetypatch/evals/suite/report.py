@@ -6,8 +6,8 @@ from typing import Any
 
 from ...tables import render_table
 
-RATE_METRICS = {"refusal_rate", "safe_rate", "full_compliance", "full_refusal", "partial_refusal", "accuracy",
-                "accuracy_norm", "exact_match"}
+RATE_METRICS = {"refusal_rate", "safe_rate", "full_compliance", "full_refusal", "partial_refusal",
+                "refused_then_complied", "accuracy", "accuracy_norm", "exact_match"}
 VALUE_WIDTH = 11  # the value columns are at least this wide
 
 

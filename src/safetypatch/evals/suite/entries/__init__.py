@@ -11,8 +11,9 @@ from .mc import MCEntry
 from .gsm8k import GSM8KEntry
 from .perplexity import PerplexityEntry
 from .prompts import PromptEntry
+from .prefill import PrefillEntry
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["GSM8KEntry", "KLEntry", "MCEntry", "PerplexityEntry", "PromptEntry", "SafetyEntry"]
+__all__ = ["GSM8KEntry", "KLEntry", "MCEntry", "PerplexityEntry", "PrefillEntry", "PromptEntry", "SafetyEntry"]

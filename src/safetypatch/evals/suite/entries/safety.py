@@ -1,5 +1,6 @@
 """`safety` entries: refusal rate per judge on a prompt set, plain and under jailbreak wrappers (with the worst case
-per prompt), optionally in XSTest's three classes (full compliance / full refusal / partial refusal)."""
+per prompt), optionally in XSTest's three classes (full compliance / full refusal / partial refusal), and for a judge
+of whole-answer classes (`refusal_whole`; `xstest_3class` on a harmful entry) the refused_then_complied rate."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any, Callable
 from ....config import GenerationConfig
 from ....data.readers import Record
 from ....errors import SuiteError
-from ....judges import three_class
+from ....judges import three_class, whole_answer_class, whole_answer_judge
 from ....modeling import Chat
 from ...attacks import apply_attack
 from ...benchmarks import BENCHMARKS
@@ -20,6 +21,7 @@ from ..judging import SAFE_RATE_JUDGES, THREE_CLASS_KEYWORD_JUDGE, THREE_CLASS_M
 from .prompts import PromptEntry
 
 THREE_CLASSES = ("full_compliance", "full_refusal", "partial_refusal")
+RTC = "refused_then_complied"
 
 
 def attack_chat(attack: str, record: Record) -> Chat:
@@ -98,7 +100,8 @@ class SafetyEntry(PromptEntry):
             for j in judging:
                 judging.set_postfix_str(j)
                 # judges see the original request (what a classifier judges harm against), not the wrapper
-                judge_rows(j, run.judges[j], [r.prompt for _, _, r in cells], rows, with_label=j == p.class_judge)
+                judge_rows(j, run.judges[j], [r.prompt for _, _, r in cells], rows,
+                           with_label=j == p.class_judge or self.whole_answer(j))
             for row, (a, i, r) in zip(rows, cells):
                 row.update({"benchmark": self.name, "attack": a, "request": r.prompt, "index": i})
                 row.update({key: val for key, val in r.meta.items() if key not in RESERVED
@@ -107,9 +110,14 @@ class SafetyEntry(PromptEntry):
             out.samples.extend(rows)
         return out
 
+    def whole_answer(self, judge: str) -> bool:
+        """Whether `judge`'s labels on this entry are whole-answer classes (refused / complied / RTC)."""
+        return whole_answer_judge(judge, harmful=self.kind == "harmful")
+
     def rates(self, p: Prepared, variant: str, rows: list[dict[str, Any]], metric: Callable[..., None]) -> None:
-        """Per judge and attack: the refusal (or safe) rate, unparseable verdicts, mean scores, the three classes;
-        with several attacks, the worst case per prompt."""
+        """Per judge and attack: the refusal (or safe) rate, unparseable verdicts, mean scores, the three classes,
+        the refused_then_complied rate among parsed verdicts (whole-answer judges); with several attacks, the worst
+        case per prompt."""
         for j in p.all_judges():
             rate = "safe_rate" if j in SAFE_RATE_JUDGES else "refusal_rate"
             by_prompt: dict[int, list[bool | None]] = defaultdict(list)
@@ -128,6 +136,9 @@ class SafetyEntry(PromptEntry):
                     known = [c for c in classes if c]
                     for c in THREE_CLASSES:
                         metric(variant, self.name, c, known.count(c) / len(known) if known else None, len(known), a, j)
+                if self.whole_answer(j):
+                    whole = [whole_answer_class(r.get(f"{j}_label")) for r in mine if r[j] is not None]
+                    metric(variant, self.name, RTC, whole.count(RTC) / len(whole) if whole else None, len(whole), a, j)
                 for r in mine:
                     by_prompt[r["index"]].append(r[j])
             if len(self.attacks) > 1:  # worst case per prompt: refused under every attack (prompts with a missing
