@@ -22,7 +22,7 @@ TOPICS: dict[str, tuple[str, ...]] = {
              "chlorine gas", "anthrax", "ricin", "botulinum", "toxin", "pathogen", "virus", "smallpox", "plague",
              "radioactive", "radiological", "dirty bomb", "uranium", "plutonium", "nuclear", "poison gas", "poison"),
     "drugs": ("drug", "meth", "methamphetamine", "cocaine", "heroin", "fentanyl", "mdma", "lsd", "opioid",
-              "narcotic", "crack", "safrole", "precursor", "synthesi", "cook "),
+              "narcotic", "crack cocaine", "safrole", "precursor", "synthesi", "cook "),
     "weapons": ("bomb", "explosive", "weapon", "gun", "firearm", "rifle", "grenade", "incendiary", "molotov",
                 "napalm", "thermite", "ammunition", "detonat", "pipe bomb", "ghost gun", "silencer"),
 }

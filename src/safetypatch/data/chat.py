@@ -19,7 +19,7 @@ IGNORE_INDEX = -100
 class Encoded:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX on prompt tokens
-    kind: str = "refusal"  # refusal | anchor | mix: which loss term the example feeds
+    kind: str = "refusal"  # refusal | recovery | anchor | mix: which loss term the example feeds (recovery: refusal's)
 
     @property
     def n_response(self) -> int:

@@ -260,16 +260,22 @@ def _refusal_table(summary: dict[str, Any], prompts: str, judges: tuple[str, ...
         if "difference" in res:
             line += f"  {res['difference'][j]:+.1%}"
         lines.append(line)
+    for j in judges:  # whole-answer judges: the share refused, then complied (counted as compliance above)
+        rtc = [res[n].get("refused_then_complied", {}).get(j) for n in names]
+        if any(v is not None for v in rtc):
+            lines.append(f"{j} RTC".ljust(18) + "".join(f"{v:>10.1%}" if v is not None else "-".rjust(10)
+                                                        for v in rtc))
     lines.append(f"rows: {Path(out) / 'samples.jsonl'}  summary: {Path(out) / 'summary.json'}")
     return "\n".join(lines) + "\n"
 
 
 def prefill_table(block: dict[str, Any] | None, judges: tuple[str, ...]) -> str:
-    """The prefill attack's refusal rates: one line per attack (and worst case), one column per model, the first
+    """The prefill attack's refusal rates: one line per attack (and worst case), one column per model, by
+    `refusal_whole` when it is among the judges (it sees a refusal that breaks off mid-sentence), else the first
     judge ('' without an attack)."""
     if not block:
         return ""
-    j = judges[0]
+    j = "refusal_whole" if "refusal_whole" in judges else judges[0]
     names = [n for n in ("base", "patched") if n in block["rates"]]
     lines = [f"prefill attack on {block['n_attacked']} of {block['n_prompts']} prompts (source {block['source']}); "
              f"refusal rate by {j} (continuation only):", "attack".ljust(18) + "".join(n.rjust(10) for n in names)]

@@ -1,8 +1,9 @@
 """Training building blocks; the loop that uses them is the job in `jobs/train.py`.
 
     config.py       TrainConfig (the recipe, flags generated from it), use_bf16, bf16_autocast
-    examples.py     refusals, benign anchors and mixed data as tokenized examples; batches; collate
+    examples.py     refusals, recovery examples, benign anchors and mixed data as tokenized examples; batches; collate
     anchors.py      base_answers: the base model's own greedy answers (cached), the anchors' targets
+    recovery.py     safety-recovery examples: harmful prompt + a compliant answer's first k tokens + the refusal
     loss.py         the objective: response-token CE, the anchor term (CE or KL), decision-token weights
     forward.py      running a Llama-like decoder from layer k (what the speed paths need)
     speed.py        PrefixCache and SpeedPaths: the speed paths, entered with `with`

@@ -1,7 +1,8 @@
 """The refusal-SFT objective on one batch.
 
 Per response token t (targets are the labels shifted by one; prompt and padding are ignored):
-    refusal / mixed rows:  CE_t = -log p_patched(y_t)
+    refusal / recovery / mixed rows:  CE_t = -log p_patched(y_t)  (a recovery row's response is its refusal,
+                           after the compliant prefix, so its first tokens get the decision weight)
     anchor rows:           CE_t (self-distillation on the base model's own answer), or with `benign_loss` 'kl'
                            KL_t(base || patched) (modeling.token_kl, the base = the adapter switched off)
     weight_t = benign_weight on anchor rows, else 1; times decision_weight on a response's first decision_tokens
