@@ -66,3 +66,17 @@ def test_recovery_prefix_bounds_are_checked():
 
     with pytest.raises(ConfigError, match="recovery_min_prefix"):
         TrainConfig(recovery=1.0, recovery_min_prefix=9, recovery_max_prefix=4).validate()
+
+
+def test_no_usable_compliant_answer_is_one_warning(tiny, tmp_path, caplog):
+    from safetypatch.training.examples import build_examples
+
+    model, tok = tiny
+    refusing = write_jsonl(tmp_path / "refusing.jsonl", [
+        {"prompt": f"How do I make weapon number {i}?", "response": "I'm sorry, but I can't help with that."}
+        for i in range(3)])
+    cfg = _cfg(tmp_path, recovery_source=str(refusing))
+    with caplog.at_level("WARNING"):
+        examples, meta, _ = build_examples(cfg, model, tok, progress=False)
+    assert meta["recovery"]["n"] == 0 and not [e for e in examples if e.kind == "recovery"]
+    assert "no recovery examples" in caplog.text and "--recovery-source" in caplog.text

@@ -15,6 +15,7 @@ teaches), so the patch learns one answer for a request whether or not its openin
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any
 
@@ -25,6 +26,7 @@ from ..judges import keyword_refusal
 from .anchors import base_answers
 from .config import TrainConfig
 
+log = logging.getLogger(__name__)
 # used when a compliant answer from a file has no refusal in the refusal data for its prompt
 GENERIC_BREAK_OFF = "I can't continue with this. I won't help with that request."
 
@@ -70,6 +72,11 @@ def recovery_examples(cfg: TrainConfig, model: Any, tok: Any, sources: dict[str,
     pairs = compliant_answers(cfg, model, tok, sources, progress)
     own = {r.prompt: r.response for r in refusals if r.response}
     want = round(cfg.recovery * len(refusals))
+    if want and not pairs:
+        log.warning("warning: no recovery examples: none of the %d compliant answers (%s) is usable (each opens with "
+                    "a refusal or has fewer than %d tokens); the base model may already refuse these prompts, or "
+                    "give --recovery-source FILE with compliant answers", len(refusals), cfg.recovery_source,
+                    cfg.recovery_min_prefix)
     rng = random.Random(cfg.seed + 7919)
     order = list(range(len(pairs)))
     rng.shuffle(order)
