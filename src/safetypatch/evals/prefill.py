@@ -193,17 +193,17 @@ def prefill_rows(backend: Any, spec: PrefillSpec, records: list[Record], plain: 
                                 desc="compliant answers (base)", progress=progress)
     targets, notes = pick_targets(spec, records, tok, base, texts)
     attacks = spec.attacks()
-    cells = [(a, t) for a in attacks if a.k != 0 for t in targets]
+    cells = [(a, t, *attack_chat(a, t, tok)) for a in attacks if a.k != 0 for t in targets]  # decoded once
     rows: list[dict[str, Any]] = []
     block: dict[str, Any] = {"source": spec.source, "ks": sorted({0, *spec.ks}),
                              "openings": {a.label: a.text for a in attacks if a.k is None},
                              "n_prompts": len(records), "n_attacked": len(targets), "notes": notes, "rates": {}}
     for v, plain_rows in plain.items():
-        gens = backend.generate([attack_chat(a, t, tok)[0] for a, t in cells], gen, variant=v,
+        gens = backend.generate([chat for _, _, chat, _ in cells], gen, variant=v,
                                 desc=f"prefilled ({v})", progress=progress) if cells else []
         mine = [{**plain_rows[t.index], "attack": "prefill_k0", "prefill": ""} for t in targets]
-        for (a, t), g in zip(cells, gens):
-            row = {**plain_rows[t.index], "attack": a.label, "prefill": attack_chat(a, t, tok)[1], "response": g.text}
+        for (a, t, _, text), g in zip(cells, gens):
+            row = {**plain_rows[t.index], "attack": a.label, "prefill": text, "response": g.text}
             for j in judges:
                 row[j.name] = j.judge(t.record.prompt, g.text).refused
             mine.append(row)
